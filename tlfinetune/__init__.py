@@ -1,0 +1,31 @@
+"""tlfinetune: adapt a pretrained VGG image classifier to your own images.
+
+Data flow, one module per box::
+
+    image folder -> data.ImageDataModule -> module.TransferClassifier(backbone + head)
+                                          <- freeze.FreezeSchedule
+                 -> lightning Trainer -> checkpoint -> predict / export / report
+"""
+
+import logging as _logging
+
+from tlfinetune.errors import ConfigError, DataError, TLFinetuneError, WeightsError
+from tlfinetune.freeze import FreezeSchedule
+from tlfinetune.module import TransferClassifier
+
+# Like Lightning does for its own logger: show our INFO lines unless the application configured
+# logging itself.
+_log = _logging.getLogger(__name__)
+_log.setLevel(_logging.INFO)
+if not _log.handlers and not _logging.root.handlers:
+    _log.addHandler(_logging.StreamHandler())
+    _log.propagate = False
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "FreezeSchedule",
+    "TLFinetuneError",
+    "TransferClassifier",
+    "WeightsError",
+]

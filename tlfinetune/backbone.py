@@ -1,0 +1,297 @@
+"""Backbones: torchvision models as a stack of layers, their Keras layer names, and their weights.
+
+The table below is data: each entry says which torchvision builder makes the model, which weights
+enum holds its ImageNet weights, and how its layers are named in Keras. A new family (ResNet,
+EfficientNet, ConvNeXt) is a new entry plus its layer table, not a rewrite.
+
+Keras' ``VGG16(include_top=False)`` has 19 layers; torchvision's ``vgg16().features`` has 31
+modules, because torchvision keeps each ReLU as its own module::
+
+    Keras index  Keras name      torchvision features index
+    0            input_1         0   (everything trains)
+    1, 2         block1_conv1,2  0, 2        3   block1_pool  4
+    4, 5         block2_conv1,2  5, 7        6   block2_pool  9
+    7, 8, 9      block3_conv1-3  10, 12, 14  10  block3_pool  16
+    11, 12, 13   block4_conv1-3  17, 19, 21  14  block4_pool  23
+    15, 16, 17   block5_conv1-3  24, 26, 28  18  block5_pool  30
+
+So the seed's ``for layer in base_model.layers[:15]: layer.trainable = False`` is
+``features[:24]`` frozen, ``features[24:]`` (block5) trainable. The ``_bn`` variants put a
+BatchNorm after each conv; their table shifts accordingly and is built from the same config.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import urllib.error
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import vgg as tv_vgg
+
+from tlfinetune.errors import ConfigError, WeightsError
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One Keras layer and the torchvision module index where it starts."""
+
+    keras_index: int
+    keras_name: str
+    block: str
+    index: int  # position in the torchvision Sequential
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and name its layers."""
+
+    features: Callable[[], nn.Sequential]  # randomly initialised, as torchvision initialises it
+    model: Callable[..., nn.Module]  # the whole torchvision model (for its classifier)
+    weights_enum: type[torchvision.models.WeightsEnum]
+    layers: tuple[Layer, ...]
+    num_modules: int  # len(features)
+    out_channels: int
+    state_dict_prefix: str = "features."  # where the backbone lives in torchvision's state dict
+
+
+def vgg_layers(cfg: list[int | str], batch_norm: bool) -> tuple[tuple[Layer, ...], int]:
+    """Keras layer table of a VGG config (``torchvision.models.vgg.cfgs``) and len(features)."""
+    layers = [Layer(0, "input_1", "block1", 0)]
+    index, block, conv = 0, 1, 0
+    for v in cfg:
+        if v == "M":
+            layers.append(Layer(len(layers), f"block{block}_pool", f"block{block}", index))
+            index += 1
+            block, conv = block + 1, 0
+        else:
+            conv += 1
+            layers.append(Layer(len(layers), f"block{block}_conv{conv}", f"block{block}", index))
+            index += 3 if batch_norm else 2  # conv (+ bn) + relu
+    return tuple(layers), index
+
+
+def _vgg_features(cfg: str, batch_norm: bool) -> nn.Sequential:
+    # torchvision builds the 138M-parameter classifier too; the backbone alone is 15M.
+    features = tv_vgg.make_layers(tv_vgg.cfgs[cfg], batch_norm=batch_norm)
+    for m in features.modules():  # the same initialisation as torchvision.models.VGG
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return features
+
+
+def _vgg(model: Callable[..., nn.Module], weights_enum: Any, cfg: str, bn: bool) -> BackboneSpec:
+    layers, num_modules = vgg_layers(tv_vgg.cfgs[cfg], bn)
+    features = functools.partial(_vgg_features, cfg, bn)
+    return BackboneSpec(features, model, weights_enum, layers, num_modules, out_channels=512)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "vgg11": _vgg(tv_vgg.vgg11, tv_vgg.VGG11_Weights, "A", False),
+    "vgg11_bn": _vgg(tv_vgg.vgg11_bn, tv_vgg.VGG11_BN_Weights, "A", True),
+    "vgg13": _vgg(tv_vgg.vgg13, tv_vgg.VGG13_Weights, "B", False),
+    "vgg13_bn": _vgg(tv_vgg.vgg13_bn, tv_vgg.VGG13_BN_Weights, "B", True),
+    "vgg16": _vgg(tv_vgg.vgg16, tv_vgg.VGG16_Weights, "D", False),
+    "vgg16_bn": _vgg(tv_vgg.vgg16_bn, tv_vgg.VGG16_BN_Weights, "D", True),
+    "vgg19": _vgg(tv_vgg.vgg19, tv_vgg.VGG19_Weights, "E", False),
+    "vgg19_bn": _vgg(tv_vgg.vgg19_bn, tv_vgg.VGG19_BN_Weights, "E", True),
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The table entry for ``name``, or a ConfigError listing the choices."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ConfigError(
+            f"Unknown backbone {name!r}. Choose one of: {', '.join(BACKBONES)}."
+        ) from None
+
+
+def build_backbone(name: str) -> nn.Sequential:
+    """A randomly initialised backbone (torchvision's ``features``) without its classifier."""
+    return get_spec(name).features()
+
+
+def build_classifier(name: str) -> nn.Module:
+    """The original torchvision classifier of ``name`` (for the ``torchvision`` head)."""
+    return get_spec(name).model(weights=None).classifier
+
+
+def resolve_unfreeze_from(name: str, spec: int | str) -> int:
+    """Translate a Keras layer index/name or a block name into a torchvision module index.
+
+    Everything at or after the returned index trains; everything before it is frozen.
+
+    >>> resolve_unfreeze_from("vgg16", 15), resolve_unfreeze_from("vgg16", "block5_conv1")
+    (24, 24)
+    """
+    layers = get_spec(name).layers
+    if isinstance(spec, str) and spec.strip().lstrip("-").isdigit():
+        spec = int(spec)
+    if isinstance(spec, int):
+        if 0 <= spec < len(layers):
+            return layers[spec].index
+        raise ConfigError(
+            f"unfreeze_from={spec} is not a Keras layer index of {name}: use 0-{len(layers) - 1} "
+            f"(15 is block5_conv1 in vgg16), a layer name such as 'block5_conv1', or a block name "
+            f"such as 'block5'."
+        )
+    for layer in layers:
+        if spec in (layer.keras_name, layer.block):  # a block starts at its first layer
+            return layer.index
+    names = ", ".join(dict.fromkeys(x.block for x in layers[1:]))
+    raise ConfigError(
+        f"unfreeze_from={spec!r} names no layer of {name}. Use a block ({names}), a Keras "
+        f"layer name such as 'block5_conv1' or 'block4_pool', or a Keras layer index "
+        f"(0-{len(layers) - 1})."
+    )
+
+
+def block_of(name: str, index: int) -> str:
+    """The block that torchvision module ``index`` belongs to."""
+    block = "block1"
+    for layer in get_spec(name).layers[1:]:
+        if layer.index <= index:
+            block = layer.block
+    return block
+
+
+# --- weights -------------------------------------------------------------------------------------
+
+
+def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
+    """The ImageNet weights torchvision publishes for ``name``."""
+    return get_spec(name).weights_enum.IMAGENET1K_V1
+
+
+def imagenet_cache_file(name: str) -> Path:
+    """Where torchvision keeps (or would download) the ImageNet weights of ``name``."""
+    url = imagenet_weights(name).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def load_imagenet_state_dict(name: str, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Torchvision's own download, cache and hash check, but unpickled with ``weights_only=True``.
+
+    torchvision's ``WeightsEnum.get_state_dict`` unpickles fully by default, so a file planted in
+    the cache could run code; this is the same call with the safe unpickler.
+    """
+    weights = imagenet_weights(name)
+    target = imagenet_cache_file(name)
+    try:
+        return torch.hub.load_state_dict_from_url(
+            weights.url, progress=progress, check_hash=True, weights_only=True, map_location="cpu"
+        )
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        if target.exists():
+            raise WeightsError(
+                f"The ImageNet weights for {name} at {target} could not be read ({exc}). Delete "
+                f"the file and download it again from {weights.url}."
+            ) from None
+        raise WeightsError(
+            f"The ImageNet weights for {name} are not cached and could not be downloaded "
+            f"({type(exc).__name__}: {exc}). Download {weights.url} on a machine with internet "
+            f"access and put it at {target} (the cache folder is {target.parent}, set by "
+            f"TORCH_HOME), or pass --model.weights PATH with a torchvision-format .pth or "
+            f".safetensors file or a tlfinetune checkpoint, or --model.weights none to train "
+            f"from random initialisation."
+        ) from None
+    except RuntimeError as exc:  # hash mismatch
+        raise WeightsError(
+            f"The ImageNet weights for {name} failed torchvision's check ({exc}). Delete {target} "
+            f"and download it again."
+        ) from None
+
+
+def read_weights_file(path: str | Path) -> dict[str, Any]:
+    """Read a ``.pth``/``.ckpt`` (safe unpickler only) or ``.safetensors`` file into a dict."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"Weights file {path} does not exist. Pass --model.weights with 'imagenet', 'none', "
+            f"or the path of a torchvision-format .pth, a .safetensors file or a tlfinetune "
+            f"checkpoint."
+        )
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise WeightsError(
+                f"Weights file {path} is not a readable safetensors file: {exc}"
+            ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the unpickler raises many types; all mean "refused"
+        unsafe = "weights_only" in str(exc) or "Unsupported global" in str(exc)
+        why = (
+            "it holds pickled Python objects beyond tensors and plain containers, which could run "
+            "code, so it was refused unread"
+            if unsafe
+            else f"it could not be read ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        )
+        raise WeightsError(
+            f"Weights file {path} cannot be used: {why}. Convert it to a plain state dict or a "
+            f".safetensors file."
+        ) from None
+
+
+def backbone_state_dict(raw: dict[str, Any], source: str | Path) -> dict[str, torch.Tensor]:
+    """The backbone tensors of a torchvision state dict or a tlfinetune checkpoint, re-keyed."""
+    if "state_dict" in raw and isinstance(raw["state_dict"], dict):  # a Lightning checkpoint
+        prefix, tensors = "backbone.", raw["state_dict"]
+    else:
+        prefix, tensors = "features.", raw
+    found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not found:
+        some = ", ".join(list(tensors)[:4])
+        raise WeightsError(
+            f"Weights file {source} has no '{prefix}*' tensors (it has e.g. {some}). Expected a "
+            f"torchvision VGG state dict (keys like features.0.weight) or a tlfinetune checkpoint."
+        )
+    return found
+
+
+def load_backbone_weights(
+    backbone: nn.Module, name: str, state: dict[str, Any], source: str
+) -> None:
+    """Copy ``state`` into ``backbone``, or explain exactly which tensors do not fit."""
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
+            if items
+        )
+        raise WeightsError(
+            f"Weights from {source} do not fit backbone {name} ({details}). Choose the backbone "
+            f"the file was made for with --model.backbone, or another weights file."
+        )
+    backbone.load_state_dict(state)
+
+
+def weights_source(weights: str) -> str:
+    """Normalise the ``weights`` argument: 'imagenet', 'none' or an existing file path."""
+    if weights.lower() in ("imagenet", "none"):
+        return weights.lower()
+    return str(Path(weights).expanduser())

@@ -1,0 +1,207 @@
+"""FreezeSchedule: which backbone layers train at which epoch.
+
+The Keras recipe freezes layers with ``layer.trainable = False``. Here the same thing is
+``requires_grad = False`` on the backbone's parameters, decided per epoch by this callback:
+
+- ``regime="frozen"``: the whole backbone is frozen and only the head trains (seed snippet 1,
+  "transfer learning / feature extraction").
+- ``regime="partial"``: layers before ``unfreeze_from`` are frozen, the rest trains with the head
+  (seed snippet 2: ``base_model.layers[:15]`` frozen is ``unfreeze_from=15`` = ``block5_conv1`` =
+  ``block5`` = torchvision ``features[24:]`` trainable).
+- ``regime="full"``: everything trains.
+- ``milestones={epoch: unfreeze_from}`` unfreeze more of the backbone at the start of those epochs
+  (gradual unfreezing as in fastai's ``fine_tune`` and ULMFiT). Layers never freeze again.
+
+``unfreeze_from`` accepts a Keras layer index, a Keras layer name or a block name; the table that
+maps them to torchvision's module indices is in :mod:`tlfinetune.backbone`.
+
+Why this is not Lightning's ``BackboneFinetuning`` as it stands (shared/PITFALLS.md):
+
+- The trainable set is a pure function of the epoch, so a resumed run recomputes it from the
+  restored epoch instead of re-freezing everything (Lightning #21901).
+- The optimizer gets every parameter that will *ever* train up front, in two fixed groups (head,
+  backbone at ``lr * backbone_lr_ratio``). Parameters that are still frozen get no gradient, so
+  torch optimizers skip them; no param group is ever added mid-training, so LR schedulers,
+  optimizer checkpoints and resume keep working across an unfreeze (Lightning #8720, Flash #1321).
+- Under DDP those parameters are registered with the reducer at wrap time (they require grad
+  then), and ``find_unused_parameters`` is switched on, so a layer unfrozen later is all-reduced
+  (Lightning #20340).
+- Frozen BatchNorm stays in eval mode (Keras semantics of ``trainable=False``): its running
+  statistics never move. :class:`~tlfinetune.module.TransferClassifier` re-asserts this on every
+  ``train()`` call, so Lightning's mode switching after validation cannot undo it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BaseFinetuning
+from torch import nn
+
+from tlfinetune.backbone import block_of, resolve_unfreeze_from
+from tlfinetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Regime = Literal["frozen", "partial", "full"]
+
+
+class FreezeSchedule(BaseFinetuning):
+    """Freeze the backbone, or part of it, and unfreeze more of it at milestone epochs.
+
+    Args:
+        regime: ``frozen`` (only the head trains), ``partial`` (the backbone trains from
+            ``unfreeze_from`` on) or ``full`` (everything trains).
+        unfreeze_from: where the trainable part starts in the ``partial`` regime: a Keras VGG16
+            layer index (``15`` as in the seed's ``layers[15:]``), a Keras layer name
+            (``block5_conv1``, ``block4_pool``) or a block name (``block5``).
+        milestones: ``{epoch: unfreeze_from}``; at the start of each epoch listed, the backbone
+            trains from that layer on. Each milestone must unfreeze more than the one before.
+        backbone_lr_ratio: learning rate of every backbone layer that trains, relative to the
+            head's. ``1.0`` is the seed's single learning rate; the default ``0.1`` keeps the
+            pretrained filters from being wrecked by the first large updates of a random head.
+
+    Example:
+        >>> schedule = FreezeSchedule(regime="frozen", milestones={3: "block5", 6: "block4"})
+        >>> trainer = pl.Trainer(callbacks=[schedule])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        regime: Regime = "frozen",
+        unfreeze_from: int | str = "block5",
+        milestones: dict[int, int | str] | None = None,
+        backbone_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if regime not in ("frozen", "partial", "full"):
+            raise ConfigError(f"regime={regime!r} is not one of: frozen, partial, full.")
+        if not backbone_lr_ratio > 0:
+            raise ConfigError(f"backbone_lr_ratio={backbone_lr_ratio} must be positive.")
+        bad = [e for e in (milestones or {}) if not isinstance(e, int) or e < 0]
+        if bad:
+            raise ConfigError(f"milestones epochs {bad} must be non-negative integers.")
+        self.regime = regime
+        self.unfreeze_from = unfreeze_from
+        self.milestones = dict(sorted((milestones or {}).items()))
+        self.backbone_lr_ratio = backbone_lr_ratio
+        self._steps: list[tuple[int, int]] = []  # (first epoch, first trainable module index)
+        self._applied: int | None = None  # trainable_from currently in force
+        self._restored_epoch: int | None = None
+
+    # --- the schedule as a function of the epoch -----------------------------------------------
+
+    def resolve(self, backbone: str, num_modules: int) -> list[tuple[int, int]]:
+        """The schedule as ``[(epoch, trainable_from), ...]`` in torchvision module indices."""
+        start = {
+            "frozen": num_modules,
+            "partial": resolve_unfreeze_from(backbone, self.unfreeze_from),
+            "full": 0,
+        }[self.regime]
+        steps = [(0, start)]
+        for epoch, spec in self.milestones.items():
+            index = resolve_unfreeze_from(backbone, spec)
+            prev_epoch, prev = steps[-1]
+            if index >= prev:
+                raise ConfigError(
+                    f"milestone {epoch}: {spec!r} unfreezes nothing new: from epoch {prev_epoch} "
+                    f"the backbone already trains from module {prev}. Milestones must unfreeze "
+                    f"earlier layers as the epochs grow, e.g. {{3: block5, 6: block4}}."
+                )
+            steps.append((epoch, index))
+        return steps
+
+    def trainable_from(self, epoch: int) -> int:
+        """First backbone module index that trains at ``epoch`` (``len(backbone)``: none)."""
+        return [index for first, index in self._steps if first <= epoch][-1]
+
+    # --- Lightning hooks -----------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Make every parameter that will ever train trainable, so optimizer and DDP see it."""
+        self._steps = self.resolve(pl_module.hparams.backbone, len(pl_module.backbone))
+        if stage != "fit":
+            return
+        # Before the optimizer and the DDP wrapper exist: they must know every parameter that
+        # will ever train. on_fit_start then freezes what is frozen at the starting epoch.
+        set_trainable_from(pl_module, self._steps[-1][1])
+        if len(self._steps) > 1 and hasattr(trainer.strategy, "_ddp_kwargs"):
+            # Parameters still frozen get no gradient; DDP must be told that is expected.
+            trainer.strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Freeze for the starting epoch (restored from the checkpoint when resuming)."""
+        epoch = self._restored_epoch if self._restored_epoch is not None else trainer.current_epoch
+        self._apply(pl_module, epoch, announce=False)
+        log.info(describe(pl_module, self._applied))
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Unfreeze at milestones; idempotent otherwise."""
+        self._apply(pl_module, trainer.current_epoch, announce=True)
+
+    def _apply(self, pl_module: pl.LightningModule, epoch: int, announce: bool) -> None:
+        index = self.trainable_from(epoch)
+        if index == self._applied:
+            return
+        set_trainable_from(pl_module, index)
+        self._applied = index
+        if announce:
+            name = pl_module.hparams.backbone
+            log.info(
+                f"Epoch {epoch}: unfreezing {name} from module {index} ({block_of(name, index)})"
+                f" at lr x {self.backbone_lr_ratio}. {describe(pl_module, index)}"
+            )
+
+    # BaseFinetuning's abstract hooks: the work is done in _apply.
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:  # noqa: D102
+        pass
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Any) -> None:  # noqa: D102
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule and where it stands, so a resumed run can check and restore it."""
+        return {"trainable_from": self._applied, "steps": self._steps, "epoch": self._epoch()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Remember the epoch the checkpoint was taken at; on_fit_start freezes for it."""
+        self._restored_epoch = state_dict.get("epoch")
+
+    def _epoch(self) -> int | None:
+        for first, index in reversed(self._steps):
+            if index == self._applied:
+                return first
+        return None
+
+
+def set_trainable_from(pl_module: pl.LightningModule, index: int) -> None:
+    """``requires_grad`` off for backbone modules before ``index``, on after; head always on."""
+    for i, module in enumerate(pl_module.backbone):
+        for p in module.parameters():
+            p.requires_grad_(i >= index)
+    if pl_module.head is not None:  # None until the module's setup builds it: trainable then
+        for p in pl_module.head.parameters():
+            p.requires_grad_(True)
+    pl_module.train(pl_module.training)  # re-applies eval mode to frozen BatchNorm
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in module.parameters()) - trainable
+
+
+def describe(pl_module: pl.LightningModule, index: int | None) -> str:
+    """One line: what trains and what is frozen, with counts."""
+    trainable, frozen = count_parameters(pl_module)
+    n = len(pl_module.backbone)
+    if index is None or index >= n:
+        part = "backbone frozen, head trains"
+    elif index == 0:
+        part = "whole backbone and head train"
+    else:
+        name = pl_module.hparams.backbone
+        part = f"backbone frozen before module {index} ({block_of(name, index)} on trains)"
+    return f"{part}: {trainable:,} trainable / {frozen:,} frozen parameters."

@@ -1,0 +1,347 @@
+"""TransferClassifier: a pretrained backbone plus a new head, with loss, metrics and optimizer.
+
+An image batch flows: uint8 (N, 3, H, W) -> normalise with the weights' mean/std -> backbone
+(N, 512, H/32, W/32) -> head -> logits (N, num_classes). Normalisation lives here, not in the
+data pipeline, so a checkpoint or an exported model carries it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from tlfinetune import backbone as bb
+from tlfinetune.errors import ConfigError, TLFinetuneError
+from tlfinetune.freeze import FreezeSchedule
+from tlfinetune.head import HeadFactory, HeadName, flatten_head, gap_head, torchvision_head
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TransferClassifier(pl.LightningModule):
+    """A torchvision VGG backbone with a replaceable head, trained by Lightning.
+
+    Which backbone layers train is decided by a :class:`~tlfinetune.freeze.FreezeSchedule`
+    callback; without one in the Trainer, ``FreezeSchedule()`` (whole backbone frozen) is used.
+
+    Args:
+        num_classes: number of classes; read from the datamodule when left out.
+        class_names: names of the classes in label order; read from the datamodule when left out.
+        backbone: torchvision VGG variant (``vgg11``, ``vgg13``, ``vgg16``, ``vgg19``, each also
+            ``_bn``).
+        weights: ``imagenet`` (torchvision's weights, downloaded or from its cache), ``none``
+            (random init), or the path of a torchvision-format ``.pth``/``.safetensors`` state
+            dict or of a tlfinetune checkpoint (its backbone is reused, not its head).
+        image_size: side of the square input images; sizes the head. Read from the datamodule
+            when left out.
+        head: ``flatten`` (the seed's Flatten-Dense(256)-Dense(num_classes)), ``gap`` (global
+            average pooling + linear), ``torchvision`` (VGG's own classifier with a new last
+            layer), or a factory ``(in_features, num_classes) -> nn.Module`` given by class_path.
+        head_hidden: width of the ``flatten`` head's hidden layer.
+        head_dropout: dropout before the head's last layer.
+        optimizer: optimizer factory; the seed's Adam by default.
+        lr_scheduler: optional LR scheduler factory; ``ReduceLROnPlateau`` watches ``val/loss``.
+        label_smoothing: cross-entropy label smoothing.
+        channels_last: run convolutions in channels-last memory layout (about 1.5x faster on CPU).
+        mean: per-channel normalisation mean of the weights' preset.
+        std: per-channel normalisation std of the weights' preset.
+
+    Example:
+        >>> model = TransferClassifier(num_classes=3, weights="none", image_size=32)
+        >>> model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        backbone: str = "vgg16",
+        weights: str = "imagenet",
+        image_size: int | None = None,
+        head: HeadName | HeadFactory = "flatten",
+        head_hidden: int = 256,
+        head_dropout: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+        channels_last: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        # Callables are not plain data: keeping them out of the checkpoint keeps it loadable
+        # with weights_only=True. (From the CLI, hparams are the config, class paths included.)
+        ignore = ["optimizer", "lr_scheduler"] + ([] if isinstance(head, str) else ["head"])
+        self.save_hyperparameters(ignore=ignore)
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+            raise ConfigError(
+                f"class_names has {len(class_names)} names but num_classes={num_classes}."
+            )
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.head_spec = head
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+        self.backbone = bb.build_backbone(backbone)
+        self.weights_info = self._load_weights(weights)
+        self.head: nn.Module | None = None
+        if num_classes is not None and image_size is not None:
+            self._build_head(num_classes, image_size)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    # --- construction --------------------------------------------------------------------------
+
+    def _load_weights(self, weights: str) -> str:
+        """Load backbone weights; return a one-line description of where they came from."""
+        name = self.hparams.backbone
+        source = bb.weights_source(weights)
+        self._pretrained_classifier: dict[str, torch.Tensor] = {}
+        if source == "none":
+            return "none (random initialisation)"
+        if source == "imagenet":
+            raw, origin = (
+                bb.load_imagenet_state_dict(name),
+                f"imagenet ({bb.imagenet_cache_file(name)})",
+            )
+        else:
+            raw, origin = bb.read_weights_file(source), source
+        bb.load_backbone_weights(self.backbone, name, bb.backbone_state_dict(raw, source), source)
+        if "state_dict" not in raw:  # torchvision format: keep fc6/fc7 for the torchvision head
+            self._pretrained_classifier = {
+                k.removeprefix("classifier."): v
+                for k, v in raw.items()
+                if k.startswith("classifier.")
+            }
+        return origin
+
+    def _build_head(self, num_classes: int, image_size: int) -> None:
+        self.hparams.num_classes, self.hparams.image_size = num_classes, image_size
+        with torch.no_grad():  # the backbone's real feature map at this size, as Keras derives it
+            c, h, w = self.backbone(torch.zeros(1, 3, image_size, image_size)).shape[1:]
+        if h == 0 or w == 0:
+            raise ConfigError(
+                f"image_size={image_size} is too small for {self.hparams.backbone}: use 32 or more."
+            )
+        spec = self.head_spec
+        if spec == "flatten":
+            head = flatten_head(
+                c * h * w, num_classes, self.hparams.head_hidden, self.hparams.head_dropout
+            )
+        elif spec == "gap":
+            head = gap_head(c, num_classes, self.hparams.head_dropout)
+        elif spec == "torchvision":
+            classifier = bb.build_classifier(self.hparams.backbone)
+            if self._pretrained_classifier:  # fc6/fc7 from the same weights file; fc8 is new
+                keep = {
+                    k: v for k, v in self._pretrained_classifier.items() if not k.startswith("6.")
+                }
+                classifier.load_state_dict(keep, strict=False)
+            head = torchvision_head(classifier, num_classes)
+        elif callable(spec):
+            head = spec(c * h * w, num_classes)
+        else:
+            raise ConfigError(
+                f"head={spec!r} is not one of: flatten, gap, torchvision, or a class_path."
+            )
+        self.head = head
+        self.train_metrics = _metrics(num_classes, "train/")
+        self.val_metrics = _metrics(num_classes, "val/")
+        self.test_metrics = _metrics(num_classes, "test/")
+
+    def setup(self, stage: str) -> None:
+        """Take num_classes, class names and image size from the datamodule when not given."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None:
+            for key in ("num_classes", "image_size"):
+                ours, theirs = self.hparams.get(key), getattr(dm, key, None)
+                if ours is not None and theirs is not None and ours != theirs:
+                    raise ConfigError(
+                        f"The model was built for {key}={ours} but the data has {key}={theirs}. "
+                        f"Leave --model.{key} out to take it from the data, or change --data.{key}."
+                    )
+            if self.hparams.get("class_names") is None and getattr(dm, "class_names", None):
+                self.hparams.class_names = list(dm.class_names)
+        if self.head is None:
+            if dm is None:
+                raise ConfigError(
+                    "TransferClassifier needs num_classes and image_size, or a datamodule to read "
+                    "them from: pass both to the constructor, or give the Trainer a datamodule."
+                )
+            self._build_head(dm.num_classes, dm.image_size)
+            if self.hparams.channels_last:
+                self.head.to(memory_format=torch.channels_last)
+        head = self.head_spec if isinstance(self.head_spec, str) else type(self.head).__name__
+        log.info(
+            f"TransferClassifier: backbone {self.hparams.backbone}, weights {self.weights_info}, "
+            f"image size {self.hparams.image_size}, {self.hparams.num_classes} classes, "
+            f"head {head}."
+        )
+        if self.weights_info.startswith("none"):
+            log.warning("No pretrained weights: the backbone starts from random initialisation.")
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Add the default FreezeSchedule (backbone frozen) when the Trainer has none."""
+        return [] if self._freeze_schedule() else [FreezeSchedule()]
+
+    def _freeze_schedule(self) -> FreezeSchedule | None:
+        trainer = self._trainer
+        callbacks = trainer.callbacks if trainer is not None else []
+        return next((c for c in callbacks if isinstance(c, FreezeSchedule)), None)
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float (N, 3, H, W) -> normalised float, channels-last if configured."""
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        x = (x - self.mean) / self.std
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def frozen_prefix(self) -> int:
+        """Number of leading backbone modules without any trainable parameter."""
+        for i, module in enumerate(self.backbone):
+            if any(p.requires_grad for p in module.parameters()):
+                return i
+        return len(self.backbone)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> backbone feature map (N, 512, H/32, W/32)."""
+        k = self.frozen_prefix()
+        if k and torch.is_grad_enabled():
+            # The frozen prefix needs no autograd graph: a frozen step costs about one forward.
+            with torch.no_grad():
+                x = self.backbone[:k](x)
+            return self.backbone[k:](x) if k < len(self.backbone) else x
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W), uint8 or float in [0, 1] -> logits (N, num_classes)."""
+        return self.head(self.features(self.normalize(x)))
+
+    def train(self, mode: bool = True) -> TransferClassifier:
+        """Like ``nn.Module.train``, but frozen BatchNorm stays in eval mode (Keras semantics)."""
+        super().train(mode)
+        if mode:
+            for m in self.backbone.modules():
+                if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                    m.eval()
+        return self
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.label_smoothing)
+        metrics.update(logits.detach().float(), y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
+        loss = self._shared_step(batch, self.train_metrics, "train")
+        if not torch.isfinite(loss):
+            raise TLFinetuneError(
+                f"The training loss became {loss.item()} at epoch {self.current_epoch}, step "
+                f"{self.global_step} (batch {batch_idx}). Training stopped instead of going on "
+                f"with NaNs; lower the learning rate (--model.optimizer.lr) or check the data. "
+                f"{self._last_checkpoint_hint()}"
+            )
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._shared_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._shared_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Class probabilities (N, num_classes) for a batch ``(images, index)`` or images."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return torch.softmax(self(x).float(), dim=1)
+
+    def _last_checkpoint_hint(self) -> str:
+        ckpt = getattr(self.trainer, "checkpoint_callback", None)
+        path = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
+        return f"The last good checkpoint is {path}." if path else "No checkpoint was saved yet."
+
+    # --- optimizer -----------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        """Adam (or the configured optimizer) over trainable parameters only, in two groups.
+
+        The backbone group holds every backbone parameter that trains now or at a later
+        milestone (the FreezeSchedule makes them trainable before this runs) at
+        ``lr * backbone_lr_ratio``; frozen parameters get no gradient, so the optimizer skips
+        them until they are unfrozen, and schedulers never see a group appear.
+        """
+        head = [p for p in self.head.parameters() if p.requires_grad]
+        body = [p for p in self.backbone.parameters() if p.requires_grad]
+        groups = [{"params": head, "name": "head"}]
+        if body:
+            groups.append({"params": body, "name": "backbone"})
+        optimizer = self.optimizer(groups)
+        schedule = self._freeze_schedule()
+        ratio = schedule.backbone_lr_ratio if schedule else 1.0
+        if body:
+            optimizer.param_groups[1]["lr"] = optimizer.param_groups[0]["lr"] * ratio
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        _keep_ratio(scheduler, ratio)
+        config = {"scheduler": scheduler}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint carries its own weights: loading it must not fetch ImageNet again."""
+        hparams = dict(checkpoint.get("hyper_parameters", {}))
+        if "weights" in hparams:
+            hparams["weights"] = "none"
+            checkpoint["hyper_parameters"] = hparams
+        checkpoint["tlfinetune"] = {"weights_origin": self.weights_info}
+
+
+def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+    # average="micro" is plain top-1 accuracy, as Keras' "accuracy"; torchmetrics defaults to macro.
+    metrics: dict[str, Any] = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "f1": MulticlassF1Score(num_classes, average="macro"),
+    }
+    if num_classes > 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+def _keep_ratio(scheduler: Any, ratio: float) -> None:
+    """Schedulers given one max_lr (OneCycleLR, CyclicLR) would erase the backbone's lr ratio."""
+    groups = scheduler.optimizer.param_groups
+    if ratio == 1.0 or len(groups) < 2:
+        return
+    for key in ("initial_lr", "max_lr", "min_lr", "lr"):
+        if key in groups[1] and key in groups[0] and groups[1][key] == groups[0][key]:
+            groups[1][key] = groups[0][key] * ratio
+    for attr in ("base_lrs", "max_lrs"):
+        values = getattr(scheduler, attr, None)
+        if isinstance(values, list) and len(values) > 1 and values[1] == values[0]:
+            values[1] = values[0] * ratio
