@@ -137,7 +137,9 @@ def test_checkpoint_as_weights_transfers_backbone_only(tmp_path):
     ckpt = tmp_path / "run.ckpt"
     t.save_checkpoint(ckpt)
     target = TransferClassifier(weights=str(ckpt), num_classes=5, image_size=32)
-    for a, b in zip(source.backbone.state_dict().values(), target.backbone.state_dict().values()):
+    for a, b in zip(
+        source.backbone.state_dict().values(), target.backbone.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
     assert target.head[-1].out_features == 5
 
