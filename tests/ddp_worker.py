@@ -1,0 +1,51 @@
+"""Run by test_distributed.py as `python ddp_worker.py OUT`: 2-process DDP (gloo) on CPU."""
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from tiny import TinyData
+
+from tlfinetune import FreezeSchedule, TransferClassifier
+from tlfinetune.predict import PredictionWriter
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    pl.seed_everything(0)
+    model = TransferClassifier(weights="none", num_classes=3, image_size=32, channels_last=False)
+    init = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[
+            FreezeSchedule(regime="partial", unfreeze_from="block5", milestones={2: "block4"})
+        ],
+    )
+    trainer.fit(model, TinyData(n=32))
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    writer = PredictionWriter(output=str(out / "predictions.csv"))
+    predictor = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        callbacks=[writer],
+        enable_progress_bar=False,
+    )
+    images = TinyData(n=9).x  # 9 images: the distributed sampler pads one rank with a repeat
+    loader = DataLoader(TensorDataset(images, torch.arange(9)), batch_size=2)
+    predictor.predict(model, loader, return_predictions=False)
+    rank = trainer.global_rank
+    torch.save(
+        {"init": init, "final": model.backbone.state_dict(), "metrics": metrics},
+        out / f"rank{rank}.pt",
+    )
