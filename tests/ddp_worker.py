@@ -5,8 +5,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 from tiny import TinyData
+from torch.utils.data import DataLoader, TensorDataset
 
 from tlfinetune import FreezeSchedule, TransferClassifier
 from tlfinetune.predict import PredictionWriter
