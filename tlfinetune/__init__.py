@@ -9,6 +9,7 @@ Data flow, one module per box::
 
 import logging as _logging
 
+from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import ConfigError, DataError, TLFinetuneError, WeightsError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.module import TransferClassifier
@@ -25,6 +26,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "FreezeSchedule",
+    "ImageDataModule",
     "TLFinetuneError",
     "TransferClassifier",
     "WeightsError",

@@ -131,7 +131,7 @@ class TransferClassifier(pl.LightningModule):
         return origin
 
     def _build_head(self, num_classes: int, image_size: int) -> None:
-        self.hparams.num_classes, self.hparams.image_size = num_classes, image_size
+        self._fill_hparams(num_classes=num_classes, image_size=image_size)
         with torch.no_grad():  # the backbone's real feature map at this size, as Keras derives it
             c, h, w = self.backbone(torch.zeros(1, 3, image_size, image_size)).shape[1:]
         if h == 0 or w == 0:
@@ -164,6 +164,13 @@ class TransferClassifier(pl.LightningModule):
         self.val_metrics = _metrics(num_classes, "val/")
         self.test_metrics = _metrics(num_classes, "test/")
 
+    def _fill_hparams(self, **values: Any) -> None:
+        # Values read from the data belong to the model's hyperparameters: the checkpoint must
+        # rebuild the model alone, and loggers compare them with the datamodule's.
+        self.hparams.update(values)
+        if hasattr(self, "_hparams_initial"):
+            self._hparams_initial.update(values)
+
     def setup(self, stage: str) -> None:
         """Take num_classes, class names and image size from the datamodule when not given."""
         dm = getattr(self.trainer, "datamodule", None)
@@ -176,7 +183,7 @@ class TransferClassifier(pl.LightningModule):
                         f"Leave --model.{key} out to take it from the data, or change --data.{key}."
                     )
             if self.hparams.get("class_names") is None and getattr(dm, "class_names", None):
-                self.hparams.class_names = list(dm.class_names)
+                self._fill_hparams(class_names=list(dm.class_names))
         if self.head is None:
             if dm is None:
                 raise ConfigError(
@@ -187,13 +194,18 @@ class TransferClassifier(pl.LightningModule):
             if self.hparams.channels_last:
                 self.head.to(memory_format=torch.channels_last)
         head = self.head_spec if isinstance(self.head_spec, str) else type(self.head).__name__
+        ckpt = getattr(self.trainer, "ckpt_path", None)
+        weights = f"from checkpoint {ckpt}" if ckpt else self.weights_info
         log.info(
-            f"TransferClassifier: backbone {self.hparams.backbone}, weights {self.weights_info}, "
+            f"TransferClassifier: backbone {self.hparams.backbone}, weights {weights}, "
             f"image size {self.hparams.image_size}, {self.hparams.num_classes} classes, "
             f"head {head}."
         )
-        if self.weights_info.startswith("none"):
-            log.warning("No pretrained weights: the backbone starts from random initialisation.")
+        if stage == "fit" and not ckpt and self.weights_info.startswith("none"):
+            log.warning(
+                "No pretrained weights: the backbone starts from random initialisation, so this "
+                "run shows the mechanics of transfer learning, not its benefit."
+            )
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Add the default FreezeSchedule (backbone frozen) when the Trainer has none."""

@@ -1,0 +1,183 @@
+"""The command line end to end, in-process, on tiny image folders and the demo dataset."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tlfinetune.cli import main
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+FAST = [
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.num_workers=0",
+]
+
+
+def make_folder(root: Path, classes=("ants", "bees", "wasps"), per_class=6, size=40):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            pixels = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+            pixels[..., c] += 120  # learnable: the class is the bright channel
+            path = root / name / f"{i:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path)
+    return root
+
+
+def run(*args):
+    main([*args])
+
+
+def fit_args(data: Path, out: Path, *extra):
+    return [
+        "fit",
+        f"--data.root={data}",
+        "--data.image_size=32",
+        "--data.batch_size=8",
+        "--model.weights=none",
+        f"--trainer.default_root_dir={out}",
+        "--trainer.max_epochs=2",
+        "--data.val_split=0.34",
+        *FAST,
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_fit_validate_test_predict(tmp_path, capsys):
+    data, out = make_folder(tmp_path / "data"), tmp_path / "runs"
+    run(*fit_args(data, out, "--freeze.regime=frozen", "--freeze.milestones={1: block5}"))
+    version = out / "version_0"
+    last = version / "checkpoints" / "last.ckpt"
+    assert last.is_file() and list((version / "checkpoints").glob("best-*.ckpt"))
+    assert (version / "config.yaml").is_file() and (version / "metrics.csv").is_file()
+    summary = capsys.readouterr().out
+    assert "Best val/acc" in summary and str(last) in summary
+
+    # A second run into the same folder gets its own version and does not trip on config.yaml.
+    run(*fit_args(data, out, "--trainer.max_epochs=1"))
+    assert (out / "version_1" / "checkpoints" / "last.ckpt").is_file()
+    assert last.is_file()
+
+    run(
+        "validate",
+        f"--ckpt_path={last}",
+        f"--data.root={data}",
+        "--data.val_split=0.34",
+        f"--trainer.default_root_dir={tmp_path / 'val'}",
+        *FAST,
+    )
+    run(
+        "test",
+        f"--ckpt_path={last}",
+        f"--data.root={tmp_path / 'data'}",
+        "--data.val_split=0.34",
+        f"--trainer.default_root_dir={tmp_path / 'val'}",
+        *FAST,
+    )
+
+    images = tmp_path / "new"
+    make_folder(images, classes=("x", "y/deeper"), per_class=2, size=50)
+    (images / "notes.txt").write_text("not an image")
+    run(
+        "predict",
+        f"--ckpt_path={last}",
+        f"--data.predict_dir={images}",
+        f"--trainer.default_root_dir={tmp_path / 'pred'}",
+        *FAST,
+    )
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    assert list(rows[0])[:5] == ["path", "label", "probability", "top1", "top1_probability"]
+    assert all(r["label"] in ("ants", "bees", "wasps") for r in rows)
+    assert all(r["label"] == r["top1"] and 0 < float(r["probability"]) <= 1 for r in rows)
+    probs = [sum(float(r[f"top{i}_probability"]) for i in (1, 2, 3)) for r in rows]
+    assert probs == pytest.approx([1.0] * 4, abs=1e-4)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run("fit", f"--config={config}", "--print_config")
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["backbone"] == "vgg16"
+    assert printed["freeze"]["regime"] in ("frozen", "partial")
+
+
+def test_seed_configs_say_what_the_seed_says():
+    transfer = yaml.safe_load((CONFIGS[0].parent / "vgg16_transfer.yaml").read_text())
+    finetune = yaml.safe_load((CONFIGS[0].parent / "vgg16_finetune.yaml").read_text())
+    for cfg in (transfer, finetune):
+        assert cfg["data"]["image_size"] == 224 and cfg["model"]["weights"] == "imagenet"
+        assert cfg["model"]["head"] == "flatten" and cfg["model"]["head_hidden"] == 256
+        assert cfg["trainer"]["max_epochs"] == 10
+        assert cfg["freeze"]["backbone_lr_ratio"] == 1.0
+        assert cfg["model"]["optimizer"]["class_path"] == "torch.optim.Adam"
+    assert transfer["freeze"]["regime"] == "frozen"
+    assert finetune["freeze"] == {
+        "regime": "partial",
+        "unfreeze_from": 15,
+        "backbone_lr_ratio": 1.0,
+    }
+
+
+@pytest.mark.slow
+def test_quickstart_runs_shortened(tmp_path, capsys, caplog):
+    config = CONFIGS[0].parent / "quickstart.yaml"
+    run(
+        "fit",
+        f"--config={config}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_epochs=2",
+        "--freeze.milestones={1: block5_conv1}",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=2",
+        *FAST,
+    )
+    assert (tmp_path / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def cli_error(tmp_path, *args):
+    """Run the CLI as a user would; return (exit code, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlfinetune", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--data.root=missing_folder"], ["missing_folder"]),
+        (
+            ["--data.root=demo", "--freeze.regime=partial", "--freeze.unfreeze_from=block9"],
+            ["block9", "block5"],
+        ),
+        (["--data.root=demo", "--model.backbone=resnet9000"], ["resnet9000", "vgg16_bn"]),
+        (["--data.root=demo", "--model.weights=nowhere.pth"], ["nowhere.pth"]),
+        (["--data.root=demo", "--model.no_such_key=1"], ["no_such_key"]),
+        (["--data.root=demo", "--freeze.regime=sometimes"], ["sometimes", "frozen"]),
+        (["--data.root=demo", "--ckpt_path=last"], ["last.ckpt", "nothing to resume"]),
+    ],
+)
+def test_errors_exit_nonzero_with_a_message(tmp_path, args, words):
+    code, err = cli_error(tmp_path, "fit", "--model.weights=none", *args, "--trainer.max_epochs=1")
+    assert code != 0
+    assert "Traceback" not in err
+    for w in words:
+        assert w in err

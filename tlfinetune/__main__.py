@@ -1,0 +1,3 @@
+from tlfinetune.cli import main
+
+main()

@@ -1,0 +1,223 @@
+"""Command line: ``python -m tlfinetune {fit,validate,test,predict,export,compare,bench}``.
+
+fit/validate/test/predict are LightningCLI subcommands over TransferClassifier and
+ImageDataModule, with the FreezeSchedule as its own argument group (``--freeze.*``). Every run of
+``fit`` gets its own ``version_N`` folder under ``trainer.default_root_dir`` holding its
+checkpoints (best by ``val/acc`` and ``last.ckpt``), ``config.yaml`` and ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import (
+    ArgsType,
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
+from lightning.pytorch.loggers import CSVLogger
+
+from tlfinetune.data import ImageDataModule
+from tlfinetune.errors import ConfigError, TLFinetuneError
+from tlfinetune.freeze import FreezeSchedule
+from tlfinetune.module import TransferClassifier
+from tlfinetune.predict import PredictionWriter
+from tlfinetune.runs import AtomicCheckpointIO, find_last_checkpoint, next_free_name, version_of
+
+log = logging.getLogger(__name__)
+
+# Architecture hyperparameters: always the checkpoint's, since its weights only fit them.
+ARCHITECTURE = ("backbone", "head", "head_hidden", "num_classes", "class_names", "image_size")
+
+
+class RunConfig(SaveConfigCallback):
+    """Save the resolved config beside the checkpoints, never over an earlier one."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:  # noqa: D102
+        if trainer.log_dir:
+            self.config_filename = next_free_name(Path(trainer.log_dir), "config.yaml")
+        super().setup(trainer, pl_module, stage)
+
+
+class TLFinetuneCLI(LightningCLI):
+    """LightningCLI with the freeze schedule, checkpoints and the tlfinetune run layout."""
+
+    def __init__(self, args: ArgsType = None, run: bool = True) -> None:
+        super().__init__(
+            TransferClassifier,
+            ImageDataModule,
+            args=args,
+            run=run,
+            save_config_callback=RunConfig,
+            # The module builds its optimizer from trainable parameters (PITFALLS 4).
+            auto_configure_optimizers=False,
+            trainer_defaults={"default_root_dir": "runs"},
+            parser_kwargs={"parser_mode": "yaml"},
+        )
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        self._building = subcommand
+        return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """The ``--freeze.*``, ``--checkpoint.*`` and (predict) ``--prediction.*`` groups."""
+        parser.add_lightning_class_args(FreezeSchedule, "freeze")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:02d}-acc{val/acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        if getattr(self, "_building", None) == "predict":
+            parser.add_lightning_class_args(PredictionWriter, "prediction")
+
+    # --- before the classes exist --------------------------------------------------------------
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last``; fill the model config from the checkpoint, carefully.
+
+        Lightning lets checkpoint hyperparameters override ``--model.*`` flags silently
+        (#21455). Here the architecture always comes from the checkpoint (its weights only fit
+        it; a different flag is reported), weights are the checkpoint's own, and training
+        settings the user gave (``--model.optimizer``, ``--model.label_smoothing``...) win, with
+        a log line saying so.
+        """
+        self._resume_version: int | None = None
+        sub = self.config.get("subcommand")
+        if not sub or not self.config[sub].get("ckpt_path"):
+            return
+        config = self.config[sub]
+        root = Path(config.trainer.default_root_dir or ".")
+        if sub == "fit" and config.ckpt_path == "last":
+            found = find_last_checkpoint(root)
+            if found is None:
+                raise ConfigError(
+                    f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints, so there "
+                    f"is nothing to resume. Check --trainer.default_root_dir, or start a new run "
+                    f"without --ckpt_path."
+                )
+            config.ckpt_path = str(found)
+        if config.ckpt_path in ("last", "best"):
+            return  # Lightning resolves these for the checkpoints of this process
+        path = Path(config.ckpt_path)
+        if not path.is_file():
+            raise ConfigError(f"--ckpt_path {path}: no such checkpoint file.")
+        if sub == "fit":
+            self._resume_version = version_of(path, root)
+            log.info(f"Resuming from {path}.")
+        hparams = read_hparams(path)
+        model, defaults = config.model, self._parser(sub).get_defaults().model
+        apply = {}
+        for key, value in hparams.items():
+            given = key in model and model[key] != defaults.get(key) and model[key] != value
+            if given and key in ARCHITECTURE:
+                log.warning(
+                    f"--model.{key}={model[key]!r} ignored: the checkpoint was trained with "
+                    f"{value!r}, and its weights only fit that."
+                )
+            elif given and key != "weights":
+                log.info(
+                    f"--model.{key}: using your {model[key]!r}, not the checkpoint's {value!r}."
+                )
+                continue
+            apply[key] = value
+        self.config = self.parser.parse_object({sub: {"model": apply}}, self.config)
+        size = hparams.get("image_size")
+        if size and self.config[sub].data.get("image_size") != size:
+            log.info(f"Image size {size} from the checkpoint.")
+            self.config[sub].data.image_size = size
+
+    # --- the trainer ---------------------------------------------------------------------------
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Fit logs to a fresh version folder (or the resumed one); the others log nowhere."""
+        trainer_config = self.config_init[self.subcommand].trainer
+        root = trainer_config.default_root_dir or "runs"
+        if self.subcommand == "fit":
+            if trainer_config.logger in (None, True):
+                kwargs["logger"] = CSVLogger(root, name="", version=self._resume_version)
+            plugins = trainer_config.get("plugins") or []
+            plugins = plugins if isinstance(plugins, list) else [plugins]
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        else:
+            kwargs["logger"] = False
+            kwargs["enable_checkpointing"] = False
+            self.save_config_callback = None  # validate/test/predict write no config.yaml
+        return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        if self.subcommand != "fit":  # nothing to checkpoint outside fit
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def after_fit(self) -> None:
+        """The final summary: best validation accuracy and where the checkpoints are."""
+        ckpt = self.trainer.checkpoint_callback
+        if not self.trainer.is_global_zero or ckpt is None:
+            return
+        score = ckpt.best_model_score
+        best = f"{score.item():.4f}" if score is not None else "n/a"
+        print(
+            f"\nBest {ckpt.monitor}: {best}\n  best checkpoint: {ckpt.best_model_path or '-'}\n"
+            f"  last checkpoint: {ckpt.last_model_path or '-'}\n"
+            f"  run folder: {self.trainer.log_dir}"
+        )
+
+
+def read_hparams(path: Path) -> dict[str, Any]:
+    """The model hyperparameters stored in a checkpoint (safe unpickler only)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the file cannot be used
+        raise ConfigError(
+            f"--ckpt_path {path} cannot be read as a checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}). Files holding pickled code are refused unread."
+        ) from None
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    return {k: v for k, v in hparams.items() if not k.startswith("_")}
+
+
+EXTRA_COMMANDS = ("export", "compare", "bench")
+# Lightning warnings that do not apply to how this CLI uses it.
+NOISE = (
+    ".*callbacks used to create the checkpoint need to be provided.*",
+    ".*isinstance\\(treespec, LeafSpec\\).*",
+)
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of ``python -m tlfinetune`` and the ``tlfinetune`` script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    for noise in NOISE:
+        warnings.filterwarnings("ignore", message=noise)
+    try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            import importlib
+
+            importlib.import_module(f"tlfinetune.{argv[0]}").main(argv[1:])
+        else:
+            TLFinetuneCLI(args=argv)
+    except TLFinetuneError as exc:
+        sys.stderr.write(f"error: {plain_message(exc)}\n")
+        raise SystemExit(2) from None
+
+
+def plain_message(exc: BaseException) -> str:
+    """The user-facing paragraph, also when a DataLoader worker wrapped it in its traceback."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = re.sub(r"^[\w.]+Error: ", "", last)
+    return text
