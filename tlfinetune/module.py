@@ -21,6 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from tlfinetune import backbone as bb
+from tlfinetune.cache import CachedBatch, FeatureCache
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.head import HeadFactory, HeadName, flatten_head, gap_head, torchvision_head
@@ -58,6 +59,8 @@ class TransferClassifier(pl.LightningModule):
         channels_last: run convolutions in channels-last memory layout (about 1.5x faster on CPU).
         mean: per-channel normalisation mean of the weights' preset.
         std: per-channel normalisation std of the weights' preset.
+        feature_cache: compute the frozen backbone layers once and train the rest from cached
+            features while that cannot change results (frozen prefix, ``augment: false``).
 
     Example:
         >>> model = TransferClassifier(num_classes=3, weights="none", image_size=32)
@@ -81,6 +84,7 @@ class TransferClassifier(pl.LightningModule):
         channels_last: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        feature_cache: bool = True,
     ) -> None:
         super().__init__()
         # Callables are not plain data: keeping them out of the checkpoint keeps it loadable
@@ -208,8 +212,14 @@ class TransferClassifier(pl.LightningModule):
             )
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Add the default FreezeSchedule (backbone frozen) when the Trainer has none."""
-        return [] if self._freeze_schedule() else [FreezeSchedule()]
+        """Add a FreezeSchedule (backbone frozen) and a FeatureCache when the Trainer has none."""
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        extra: list[pl.Callback] = []
+        if not any(isinstance(c, FreezeSchedule) for c in callbacks):
+            extra.append(FreezeSchedule())
+        if not any(isinstance(c, FeatureCache) for c in callbacks):
+            extra.append(FeatureCache(enabled=self.hparams.feature_cache))
+        return extra
 
     def _freeze_schedule(self) -> FreezeSchedule | None:
         trainer = self._trainer
@@ -259,8 +269,14 @@ class TransferClassifier(pl.LightningModule):
     # --- steps ---------------------------------------------------------------------------------
 
     def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
+        if isinstance(batch, CachedBatch):  # backbone[:start] already ran, once, in the cache
+            x, y = batch.features, batch.labels
+            if self.hparams.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = self.head(self.backbone[batch.start :](x))
+        else:
+            x, y = batch
+            logits = self(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.label_smoothing)
         metrics.update(logits.detach().float(), y)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)

@@ -1,0 +1,100 @@
+"""FeatureCache: same results as training through the images, invalidated when it must be."""
+
+import pytest
+import torch
+from tiny import tiny_tensors, trainer
+
+from tlfinetune import FreezeSchedule, ImageDataModule, TransferClassifier
+from tlfinetune.cache import FeatureCache
+
+
+def data(augment=False, n=40, seed=0):
+    x, y = tiny_tensors(n=n, size=32, num_classes=3, seed=seed)
+    images = x.permute(0, 2, 3, 1).contiguous()  # NHWC, as a Keras user has them
+    return ImageDataModule.from_arrays(
+        images[: n // 2 + 8],
+        y[: n // 2 + 8],
+        images[n // 2 + 8 :],
+        y[n // 2 + 8 :],
+        image_size=32,
+        batch_size=8,
+        augment=augment,
+        num_workers=0,
+        seed=3,
+    )
+
+
+def fit(cache: bool, schedule: FreezeSchedule, epochs=3, dm=None, **trainer_kwargs):
+    torch.manual_seed(0)
+    model = TransferClassifier(weights="none", feature_cache=cache)
+    store = FeatureCache(enabled=cache)
+    t = trainer(epochs, callbacks=[schedule, store], **trainer_kwargs)
+    t.fit(model, dm or data())
+    return model, store
+
+
+def assert_same_weights(a, b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_frozen_regime_cached_equals_uncached():
+    cached, store = fit(True, FreezeSchedule(regime="frozen"))
+    plain, off = fit(False, FreezeSchedule(regime="frozen"))
+    assert store.builds == 2 and off.builds == 0  # train + val, computed once for 3 epochs
+    assert_same_weights(cached, plain)
+
+
+def test_partial_regime_caches_the_frozen_prefix():
+    def schedule():
+        return FreezeSchedule(regime="partial", unfreeze_from="block5", backbone_lr_ratio=1.0)
+
+    cached, store = fit(True, schedule(), epochs=2)
+    plain, _ = fit(False, schedule(), epochs=2)
+    assert store.builds == 2
+    assert_same_weights(cached, plain)
+
+
+def test_milestone_rebuilds_for_the_new_phase_and_matches():
+    def schedule():
+        return FreezeSchedule(regime="frozen", milestones={2: "block5"}, backbone_lr_ratio=0.5)
+
+    cached, store = fit(True, schedule(), epochs=3)
+    plain, _ = fit(False, schedule(), epochs=3)
+    assert store.builds == 4  # (train, val) for the frozen phase, again after the unfreeze
+    assert_same_weights(cached, plain)
+
+
+def test_cache_stays_off_when_it_could_change_results():
+    _, store = fit(True, FreezeSchedule(regime="frozen"), epochs=1, dm=data(augment=True))
+    assert store.builds == 0 and not store.active
+    _, store = fit(True, FreezeSchedule(regime="full"), epochs=1)
+    assert store.builds == 0
+
+
+def test_cache_key_changes_with_weights_and_data():
+    dm = data()
+    model = TransferClassifier(weights="none")
+    store = FeatureCache()
+    t = trainer(1, callbacks=[FreezeSchedule(), store])
+    t.fit(model, dm)
+    store._trainer, store._module = t, model  # keys are computed from these
+    key = store._key("train", dm.train_dataset, 31)
+    assert store._key("train", dm.train_dataset, 24) != key
+    other = data(seed=1)
+    other.setup("fit")
+    assert store._key("train", other.train_dataset, 31) != key
+    with torch.no_grad():
+        model.backbone[0].weight.add_(1e-3)
+    assert store._key("train", dm.train_dataset, 31) != key
+
+
+@pytest.mark.parametrize("budget_mb", [0])
+def test_memory_budget_moves_features_to_a_file(tmp_path, budget_mb):
+    torch.manual_seed(0)
+    model = TransferClassifier(weights="none")
+    store = FeatureCache(memory_mb=budget_mb)
+    t = trainer(2, callbacks=[FreezeSchedule(), store], default_root_dir=tmp_path)
+    t.fit(model, data())
+    files = list((tmp_path / "feature_cache").glob("*.bin"))
+    assert len(files) == 2 and store.builds == 2
