@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny images on disk, and a private cache folder for the demo dataset."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_demo_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Every test session generates the demo dataset into its own folder, never into ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TLFINETUNE_CACHE", str(tmp_path_factory.mktemp("tlfinetune-cache")))
+        yield
+
+
+@pytest.fixture
+def make_image() -> Callable[..., Path]:
+    """``make_image(path, color=(r, g, b), size=(w, h), fmt=None)`` writes a solid RGB image.
+
+    The format follows the extension (``fmt`` overrides it); parent folders are created.
+    """
+
+    def make(
+        path: Path,
+        color: tuple[int, int, int] = (200, 30, 30),
+        size: tuple[int, int] = (16, 12),
+        fmt: str | None = None,
+    ) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.empty((size[1], size[0], 3), np.uint8)
+        pixels[...] = color
+        Image.fromarray(pixels, "RGB").save(path, format=fmt)
+        return path
+
+    return make

@@ -1,0 +1,1348 @@
+"""The data layer: image sources, transforms and the :class:`ImageDataModule`.
+
+Batches are ``(images, labels)`` with ``images`` a ``torch.uint8`` tensor of shape
+``(B, 3, image_size, image_size)`` (RGB, *not* normalised: the model converts to float and
+normalises with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`, so that checkpoints and exported
+models carry their own normalisation) and ``labels`` an ``int64`` tensor. Predict batches are
+``(images, indices)``, where ``indices`` are positions in :attr:`ImageDataModule.predict_files`.
+
+Sources (exactly one of them):
+
+* ``root``: a folder in ImageFolder layout, ``root/<class>/**/<image>`` (split into train/val by
+  ``val_split``) or ``root/train/<class>/...`` with ``root/val/<class>/...`` (``valid/`` and
+  ``validation/`` are accepted too; without one, train is split by ``val_split``) and optionally
+  ``root/test/<class>/...``. ``root: demo`` selects the embedded demo dataset
+  (:mod:`tlfinetune.demo`); write ``./demo`` for a folder that happens to be called ``demo``.
+* ``train_csv`` (plus optional ``val_csv`` / ``test_csv``): CSV files with a ``path,label`` header
+  row; paths are relative to the CSV file's folder (or absolute), labels are class names.
+* :meth:`ImageDataModule.from_arrays`: in-memory NHWC arrays or tensors, Keras style.
+
+Bad input (missing folders, empty classes, unreadable or truncated images, decompression bombs,
+unknown labels, missing files named by a CSV) raises :class:`~tlfinetune.errors.DataError` with a
+message that names the culprit; see :class:`ImageDataModule` for ``skip_bad_images``.
+"""
+
+import csv
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
+
+from tlfinetune.demo import ensure_demo_dataset
+from tlfinetune.errors import DataError
+from tlfinetune.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_EXTENSIONS,
+    is_hidden,
+    is_image_file,
+    list_images,
+    load_rgb,
+    probe_image,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ArrayDataset",
+    "EpochShuffleSampler",
+    "ImageDataModule",
+    "ImageFileDataset",
+    "IndexedDataset",
+    "default_num_workers",
+    "eval_resize_size",
+    "eval_transform",
+    "stratified_split",
+    "train_transform",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+"""Per-channel mean of ImageNet RGB images in ``[0, 1]`` (torchvision's VGG preset)."""
+
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+"""Per-channel standard deviation of ImageNet RGB images in ``[0, 1]``."""
+
+_VAL_FOLDER_NAMES = ("val", "valid", "validation")
+_SCAN_THREADS_FROM = 256  # header-scan this many files or more on a thread pool
+_LIST_IN_MESSAGE = 5  # name at most this many culprits in one message
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+
+
+def eval_resize_size(image_size: int) -> int:
+    """Shorter-side resize before the centre crop: ``round(image_size * 256 / 224)``."""
+    return round(image_size * 256 / 224)
+
+
+def eval_transform(image_size: int) -> v2.Compose:
+    """The deterministic evaluation transform, following torchvision's ``VGG16_Weights`` preset.
+
+    Resizes the shorter side to :func:`eval_resize_size` (bilinear, antialiased) and centre-crops
+    ``image_size``. Takes a uint8 CHW tensor (or a PIL image) and returns a plain uint8 tensor of
+    shape ``(3, image_size, image_size)``; it does not normalise.
+
+    Args:
+        image_size: Side length of the square output.
+
+    Returns:
+        The transform.
+    """
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(
+                eval_resize_size(image_size),
+                interpolation=InterpolationMode.BILINEAR,
+                antialias=True,
+            ),
+            v2.CenterCrop(image_size),
+            v2.ToPureTensor(),
+        ]
+    )
+
+
+def train_transform(
+    image_size: int, augment: bool = True, trivial_augment: bool = False
+) -> v2.Compose:
+    """The training transform: random resized crop and horizontal flip on uint8 tensors.
+
+    Args:
+        image_size: Side length of the square output.
+        augment: ``False`` returns :func:`eval_transform` (deterministic, no augmentation).
+        trivial_augment: Add ``TrivialAugmentWide`` after the flip (ignored without ``augment``).
+
+    Returns:
+        The transform; outputs plain uint8 tensors of shape ``(3, image_size, image_size)``.
+    """
+    if not augment:
+        return eval_transform(image_size)
+    steps: list[Any] = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(image_size, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    if trivial_augment:
+        steps.append(v2.TrivialAugmentWide())
+    steps.append(v2.ToPureTensor())
+    return v2.Compose(steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and splitting
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random order of ``range(num_samples)`` that depends only on ``(seed, epoch)``.
+
+    Unlike ``shuffle=True`` (whose order depends on how many epochs this process has already
+    drawn from the global generator), resuming at epoch ``e`` reproduces exactly the order an
+    uninterrupted run used at epoch ``e``. Lightning calls :meth:`set_epoch` at the start of every
+    epoch, also through its distributed sampler wrapper; the order is fixed when iteration starts.
+
+    Args:
+        num_samples: Size of the dataset.
+        seed: Seed of the shuffling.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the order of epoch ``epoch`` for the next iteration."""
+        self.epoch = int(epoch)
+
+    def permutation(self, epoch: int | None = None) -> list[int]:
+        """The order of epoch ``epoch`` (default: the current one)."""
+        e = self.epoch if epoch is None else int(epoch)
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, abs(self.seed) >> 32, e])
+        return rng.permutation(self.num_samples).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.permutation())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def stratified_split(
+    labels: Sequence[int], val_split: float, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """Splits sample positions into train and validation positions, class by class.
+
+    Each class ``c`` with ``n >= 2`` samples gives ``round(n * val_split)`` of them (at least one,
+    at most ``n - 1``) to validation, chosen by a random stream seeded by ``(seed, c)``; a class
+    with a single sample stays in train. So a class's split does not change when other classes
+    gain or lose samples, and the same inputs always give the same split.
+
+    Args:
+        labels: The label of each sample, in sample order.
+        val_split: Fraction of each class that goes to validation, in ``(0, 1)``.
+        seed: Seed of the split.
+
+    Returns:
+        Sorted train positions and sorted validation positions (disjoint; together all).
+    """
+    if not 0.0 < val_split < 1.0:
+        raise DataError(
+            f"val_split must be a fraction between 0 and 1 (exclusive), got {val_split}."
+        )
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    train: list[int] = []
+    val: list[int] = []
+    for c in np.unique(labels_arr):
+        members = np.flatnonzero(labels_arr == c)
+        n = len(members)
+        n_val = 0 if n < 2 else min(n - 1, max(1, math.floor(n * val_split + 0.5)))
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, abs(seed) >> 32, int(c)])
+        chosen = rng.permutation(n)
+        val.extend(members[chosen[:n_val]].tolist())
+        train.extend(members[chosen[n_val:]].tolist())
+    return sorted(train), sorted(val)
+
+
+def default_num_workers(processes_per_node: int = 1) -> int:
+    """DataLoader workers suited to this machine: ``min(4, cpus - 1)``, 0 with one core.
+
+    Args:
+        processes_per_node: Training processes sharing the machine's cores (DDP ranks).
+
+    Returns:
+        The number of worker processes per DataLoader.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        cpus = os.cpu_count() or 1
+    per_process = cpus // max(1, processes_per_node)
+    return 0 if per_process <= 1 else min(4, per_process - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _append_lines(path: Path, lines: Sequence[str]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+    except OSError as exc:  # reporting must not stop training
+        log.warning("Could not write the list of bad images to %s: %s", path, exc)
+
+
+class ImageFileDataset(Dataset):
+    """Images read from files: items are ``(uint8 tensor (3, S, S), label)``.
+
+    A decode failure raises :class:`~tlfinetune.errors.DataError` naming the file (inside a
+    DataLoader worker, PyTorch re-raises it in the main process as a ``DataError`` whose message
+    carries the worker's traceback, file name included). With ``skip_bad_images`` the failure is
+    logged once per process, the file is appended to ``bad_images_log``, and the next readable
+    sample (``index + 1``, ``index + 2``, ... wrapping around) is returned instead so that batches
+    keep their size; with ``substitute_blank`` (used for prediction, where each index must stay
+    the file it names) a black image is returned instead.
+
+    Args:
+        files: Image files.
+        labels: Label of each file (``-1`` when unlabelled).
+        transform: Applied to the decoded uint8 CHW tensor.
+        image_size: Output side length; used to decode large JPEGs at reduced size.
+        max_image_pixels: Decompression-bomb limit (``None``: no limit).
+        skip_bad_images: Substitute for images that fail to decode instead of raising.
+        bad_images_log: File to which paths of images that failed to decode are appended.
+        substitute_blank: With ``skip_bad_images``, return a black image instead of another one.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        labels: Sequence[int],
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        image_size: int,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        skip_bad_images: bool = False,
+        bad_images_log: Path | None = None,
+        substitute_blank: bool = False,
+    ) -> None:
+        if len(files) != len(labels):
+            raise ValueError("files and labels differ in length")
+        self.files = list(files)
+        self.labels = [int(x) for x in labels]
+        self.transform = transform
+        self.image_size = image_size
+        self.max_image_pixels = max_image_pixels
+        self.skip_bad_images = skip_bad_images
+        self.bad_images_log = bad_images_log
+        self.substitute_blank = substitute_blank
+        self._reported: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, i: int) -> torch.Tensor:
+        img = load_rgb(self.files[i], self.image_size, max_image_pixels=self.max_image_pixels)
+        return TF.pil_to_tensor(img)
+
+    def _report(self, path: Path, exc: DataError) -> None:
+        if path in self._reported:
+            return
+        self._reported.add(path)
+        log.warning("Skipping an image that cannot be decoded (skip_bad_images): %s", exc)
+        if self.bad_images_log is not None:
+            _append_lines(self.bad_images_log, [str(path)])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self.files)
+        for step in range(n):
+            j = (index + step) % n
+            try:
+                pixels = self._load(j)
+            except DataError as exc:
+                if not self.skip_bad_images:
+                    raise
+                self._report(self.files[j], exc)
+                if self.substitute_blank:
+                    blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+                    return blank, self.labels[index]
+                continue
+            return self.transform(pixels), self.labels[j]
+        raise DataError(
+            f"None of the {n} images of this dataset (the first is {self.files[0]}) can be "
+            "decoded. Check the files, e.g. open a few in an image viewer."
+        )
+
+
+class ArrayDataset(Dataset):
+    """In-memory images: items are ``(uint8 tensor (3, S, S), label)``.
+
+    Args:
+        images: uint8 tensor of shape ``(N, 3, H, W)``.
+        labels: Label of each image.
+        transform: Applied to each uint8 CHW image.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: Sequence[int],
+        transform: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError("images must be a uint8 tensor of shape (N, 3, H, W)")
+        if len(images) != len(labels):
+            raise ValueError("images and labels differ in length")
+        self.images = images
+        self.labels = [int(x) for x in labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), self.labels[index]
+
+
+class IndexedDataset(Dataset):
+    """Wraps a labelled dataset for prediction: items are ``(image, index)``."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.base[index][0], index
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class _Split:
+    """One split of a source, before it becomes a Dataset."""
+
+    origin: str  # human description for messages ("folder /x/train", "CSV /x/a.csv")
+    labels: list[int]
+    files: list[Path] | None = None  # file sources
+    rows: list[str] | None = None  # "CSV a.csv row 3 (line 4)" per file, for CSV sources
+    images: torch.Tensor | None = None  # array sources: uint8 NCHW
+    scanned: bool = False
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, positions: Sequence[int], origin: str | None = None) -> "_Split":
+        pos = list(positions)
+        return replace(
+            self,
+            origin=origin or self.origin,
+            labels=[self.labels[i] for i in pos],
+            files=None if self.files is None else [self.files[i] for i in pos],
+            rows=None if self.rows is None else [self.rows[i] for i in pos],
+            images=None if self.images is None else self.images[pos],
+        )
+
+
+@dataclass
+class _Index:
+    class_names: list[str]
+    splits: dict[str, _Split]  # "train", "val" and maybe "test"
+    description: str
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        raise DataError(f"Cannot list the data folder {folder} ({exc}).") from exc
+    return [p for p in entries if p.is_dir() and not is_hidden(p.name)]
+
+
+def _loose_images(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_file() and is_image_file(p.name)]
+
+
+def _scan_class_folders(folder: Path, role: str) -> dict[str, list[Path]]:
+    """Maps each class folder name under ``folder`` to its images (recursively, sorted)."""
+    class_dirs = _visible_dirs(folder)
+    if not class_dirs:
+        loose = _loose_images(folder)
+        hint = (
+            f" It holds {len(loose)} images directly (e.g. {loose[0].name}); move them into one "
+            "sub-folder per class."
+            if loose
+            else ""
+        )
+        raise DataError(
+            f"The {role} folder {folder} has no class folders.{hint} Expected ImageFolder layout: "
+            f"{folder}/<class name>/<image files>, one sub-folder per class (hidden folders "
+            "such as .ipynb_checkpoints do not count)."
+        )
+    classes = {d.name: list_images(d) for d in class_dirs}
+    empty = [name for name, files in classes.items() if not files]
+    if len(empty) == len(classes):
+        raise DataError(
+            f"The {role} folder {folder} has class folders ({', '.join(list(classes)[:5])}"
+            f"{', ...' if len(classes) > 5 else ''}) but no images in any of them. Image files "
+            f"need one of the extensions {', '.join(sorted(IMAGE_EXTENSIONS)[:12])}, ...; "
+            "other files are ignored."
+        )
+    if empty:
+        shown = ", ".join(str(folder / name) for name in empty[:_LIST_IN_MESSAGE])
+        more = f" and {len(empty) - _LIST_IN_MESSAGE} more" if len(empty) > _LIST_IN_MESSAGE else ""
+        raise DataError(
+            f"Class folder {shown}{more} has no images (image extensions are "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...). Add images to it, or remove the "
+            "folder if it is not a class."
+        )
+    loose = _loose_images(folder)
+    if loose:
+        log.warning(
+            "Ignoring %d images directly in %s (e.g. %s): images must be inside a class folder.",
+            len(loose),
+            folder,
+            loose[0].name,
+        )
+    return classes
+
+
+def _natural_class_order(names: Sequence[str]) -> list[str]:
+    """Sorted class names; numerically when every name is an integer ("2" before "10")."""
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def _as_numpy(x: Any, what: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        return x.numpy()
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{what} is not an array or tensor ({type(x).__name__}).") from exc
+
+
+def _images_to_tensor(x: Any, what: str) -> torch.Tensor:
+    """NHWC / NHW images (uint8, ints, floats, bools) to a uint8 NCHW tensor."""
+    a = _as_numpy(x, what)
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4 or a.shape[-1] not in (1, 3, 4):
+        hint = (
+            " It looks channels-first (NCHW); permute it to NHWC, e.g. x.permute(0, 2, 3, 1)."
+            if a.ndim == 4 and a.shape[1] in (1, 3, 4)
+            else ""
+        )
+        raise DataError(
+            f"{what} has shape {tuple(a.shape)}; expected (N, H, W, C) with C = 1, 3 or 4 "
+            f"(Keras' NHWC layout) or (N, H, W) for grayscale.{hint}"
+        )
+    if a.shape[0] == 0:
+        raise DataError(f"{what} is empty (0 images).")
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.number):
+            raise DataError(f"{what} has dtype {a.dtype}; expected uint8, integer or float.")
+        af = a.astype(np.float64)
+        if not np.isfinite(af).all():
+            raise DataError(f"{what} contains NaN or infinite values.")
+        lo, hi = float(af.min()), float(af.max())
+        if lo < 0 or hi > 255:
+            raise DataError(
+                f"{what} has values in [{lo:g}, {hi:g}]; expected [0, 1] or [0, 255] (undo any "
+                "normalisation: the model normalises itself)."
+            )
+        scale = 255.0 if np.issubdtype(a.dtype, np.floating) and hi <= 1.0 else 1.0
+        a = np.clip(np.rint(af * scale), 0, 255).astype(np.uint8)
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    elif a.shape[-1] == 4:  # composite onto white, like images.to_rgb
+        alpha = a[..., 3:4].astype(np.float32) / 255.0
+        rgb = a[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        a = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()
+
+
+def _labels_to_ints(y: Any, n: int, what: str) -> tuple[np.ndarray, int | None]:
+    """Integer labels (or one-hot rows, reduced by argmax) and the one-hot width if any."""
+    a = _as_numpy(y, what)
+    width = None
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    elif a.ndim == 2:
+        width = int(a.shape[1])
+        if width < 2:
+            raise DataError(f"{what} is one-hot with width {width}; need at least 2 classes.")
+        a = np.argmax(a, axis=1)
+    if a.ndim != 1:
+        raise DataError(
+            f"{what} has shape {tuple(a.shape)}; expected (N,) integer labels or (N, classes) "
+            "one-hot rows."
+        )
+    if len(a) != n:
+        raise DataError(f"{what} has {len(a)} labels but there are {n} images.")
+    if not np.issubdtype(a.dtype, np.integer) and (
+        not np.issubdtype(a.dtype, np.number) or not np.all(np.equal(np.mod(a, 1), 0))
+    ):
+        raise DataError(f"{what} must hold whole-number class indices, got dtype {a.dtype}.")
+    a = a.astype(np.int64)
+    if len(a) and a.min() < 0:
+        raise DataError(f"{what} has a negative label ({int(a.min())}); labels start at 0.")
+    return a, width
+
+
+# --------------------------------------------------------------------------------------------
+# The datamodule
+
+
+class _NoClassNamesError(DataError, AttributeError):
+    """No source of class names; an AttributeError too, so ``getattr(dm, name, None)`` is None."""
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Images from a folder, CSV files, in-memory arrays or the demo set, as Lightning loaders.
+
+    Exactly one source: ``root`` (a folder, or ``demo``), ``train_csv`` (with optional
+    ``val_csv`` / ``test_csv``), or :meth:`from_arrays`. Only ``predict_dir`` may stand alone, for
+    prediction with class names restored from a checkpoint.
+
+    Images that cannot be used are found before training by a cheap header scan in :meth:`setup`
+    (no full decode; a JPEG or PNG without its end marker is decoded to confirm truncation).
+    Without ``skip_bad_images`` the scan raises one :class:`~tlfinetune.errors.DataError` naming
+    them; with it, they are left out, a warning gives their number and the list file, and their
+    paths are written to that file (``bad_images_log``; by default ``bad_images.txt`` in the
+    trainer's log folder, or in the working folder without a trainer). Damage that only shows
+    when the pixels are decoded is handled while loading (see :class:`ImageFileDataset`).
+
+    Args:
+        root: Folder of images in ImageFolder layout: ``root/<class>/...`` (split into train and
+            validation by ``val_split``) or ``root/train/<class>/...`` plus
+            ``root/val/<class>/...`` and optionally ``root/test/<class>/...``. Class folders are
+            searched recursively; class order is the sorted folder names. ``demo`` selects the
+            embedded demo dataset (six shape classes, generated and cached on first use).
+        train_csv: CSV file with a ``path,label`` header row listing the training images;
+            paths relative to the CSV's folder. Alternative to ``root``.
+        val_csv: CSV file of validation images; without it train is split by ``val_split``.
+        test_csv: CSV file of test images.
+        predict_dir: Folder of images to predict (searched recursively, no class folders
+            needed, sorted order). Without it, prediction runs on the test split if there is
+            one, else on the validation split.
+        val_split: Fraction of each class held out for validation when the source has no
+            validation split (stratified, fixed by ``seed``).
+        seed: Seed of the train/validation split and of the training order.
+        image_size: Side length in pixels of the square images the model receives.
+        batch_size: Images per batch.
+        num_workers: DataLoader worker processes; ``null`` picks ``min(4, cpus - 1)`` (0 on a
+            single core).
+        augment: Random resized crops and horizontal flips for training; ``false`` makes
+            training images identical to evaluation images.
+        trivial_augment: Also apply TrivialAugmentWide to training images (needs ``augment``).
+        skip_bad_images: Leave out unreadable, truncated or oversized images (and CSV rows
+            naming missing files) with a warning instead of stopping with an error.
+        bad_images_log: File that receives the paths of skipped images; default
+            ``bad_images.txt`` in the trainer's log folder (working folder without a trainer).
+        max_image_pixels: Largest accepted ``width * height`` of an image, a guard against
+            decompression bombs (default Pillow's limit); ``null`` disables it.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        train_csv: str | Path | None = None,
+        val_csv: str | Path | None = None,
+        test_csv: str | Path | None = None,
+        predict_dir: str | Path | None = None,
+        val_split: float = 0.2,
+        seed: int = 0,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        augment: bool = True,
+        trivial_augment: bool = False,
+        skip_bad_images: bool = False,
+        bad_images_log: str | Path | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        super().__init__()
+        # Paths as strings: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {k: str(v) if isinstance(v, Path) else v for k, v in arguments.items()}
+        )
+        if root is not None and train_csv is not None:
+            raise DataError(
+                f"Both data.root ({root}) and data.train_csv ({train_csv}) are set; choose one "
+                "source of training images."
+            )
+        if (val_csv is not None or test_csv is not None) and train_csv is None:
+            raise DataError(
+                "data.val_csv / data.test_csv are set without data.train_csv; CSV files only "
+                "work together with a training CSV (for a folder, use root/val and root/test)."
+            )
+        if not 0.0 < float(val_split) < 1.0:
+            raise DataError(
+                f"data.val_split must be a fraction between 0 and 1 (exclusive), got {val_split}."
+            )
+        for name, value, low in (("image_size", image_size, 1), ("batch_size", batch_size, 1)):
+            if int(value) < low:
+                raise DataError(f"data.{name} must be at least {low}, got {value}.")
+        if num_workers is not None and num_workers < 0:
+            raise DataError(f"data.num_workers must be >= 0 or null, got {num_workers}.")
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise DataError(
+                f"data.max_image_pixels must be a positive pixel count or null, got "
+                f"{max_image_pixels}."
+            )
+        if trivial_augment and not augment:
+            log.warning("trivial_augment is ignored because augment is false.")
+        self.root = root
+        self.train_csv = train_csv
+        self.val_csv = val_csv
+        self.test_csv = test_csv
+        self.predict_dir = predict_dir
+        self.val_split = float(val_split)
+        self.seed = int(seed)
+        self.image_size = int(image_size)
+        self.batch_size = int(batch_size)
+        self.num_workers = num_workers
+        self.augment = augment
+        self.trivial_augment = trivial_augment
+        self.skip_bad_images = skip_bad_images
+        self.bad_images_log = bad_images_log
+        self.max_image_pixels = max_image_pixels
+
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+        self.predict_dataset: Dataset | None = None
+        self.train_sampler: EpochShuffleSampler | None = None
+        self.bad_images: list[Path] = []
+        """Images left out so far because of ``skip_bad_images``."""
+        self._index: _Index | None = None
+        self._arrays: dict[str, Any] | None = None
+        self._restored_class_names: list[str] | None = None
+        self._predict_split: _Split | None = None
+        self._predict_files: list[Path] | None = None
+        self._bad_log_started = False
+
+    # ---------------------------------------------------------------- constructors
+
+    @classmethod
+    def demo(cls, **kwargs: Any) -> "ImageDataModule":
+        """The embedded demo dataset: the same as ``ImageDataModule(root="demo", **kwargs)``."""
+        return cls(root="demo", **kwargs)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        train_images: Any,
+        train_labels: Any,
+        val_images: Any = None,
+        val_labels: Any = None,
+        test_images: Any = None,
+        test_labels: Any = None,
+        class_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> "ImageDataModule":
+        """In-memory images, like Keras' ``model.fit(x, y, validation_data=(x_val, y_val))``.
+
+        Images are numpy arrays or torch tensors in NHWC layout (``(N, H, W)`` for grayscale;
+        1, 3 or 4 channels, alpha composited onto white): uint8, or floats in ``[0, 1]`` or
+        ``[0, 255]`` (decided by each array's maximum: at most 1 means ``[0, 1]``). They are
+        stored as uint8 (floats are rounded to the nearest of 256 levels). Labels are integer
+        class indices ``(N,)`` or one-hot rows ``(N, classes)``.
+
+        Args:
+            train_images: Training images.
+            train_labels: Training labels.
+            val_images: Validation images; without them train is split by ``val_split``.
+            val_labels: Validation labels.
+            test_images: Test images.
+            test_labels: Test labels.
+            class_names: Name of each class; default ``"0"``, ``"1"``, ...
+            **kwargs: Other :class:`ImageDataModule` arguments (``image_size``, ``batch_size``,
+                ``val_split``, ``seed``, ...), but no other source.
+
+        Returns:
+            The datamodule.
+        """
+        for key in ("root", "train_csv", "val_csv", "test_csv"):
+            if kwargs.get(key) is not None:
+                raise DataError(f"from_arrays() takes no {key}: the arrays are the source.")
+        dm = cls(**kwargs)
+        dm._arrays = {
+            "train": (train_images, train_labels),
+            "val": (val_images, val_labels),
+            "test": (test_images, test_labels),
+            "class_names": None if class_names is None else [str(c) for c in class_names],
+        }
+        return dm
+
+    # ---------------------------------------------------------------- what the model reads
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (sorted folder names for folders)."""
+        if not self._has_source():
+            if self._restored_class_names is not None:
+                return list(self._restored_class_names)
+            if self.predict_dir is not None:
+                raise _NoClassNamesError(
+                    "This datamodule has only data.predict_dir, so it knows no class names until "
+                    "a checkpoint restores them; set data.root or data.train_csv to read them "
+                    "from the training data."
+                )
+        return list(self._ensure_index().class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        """Label of each class name."""
+        return {name: i for i, name in enumerate(self.class_names)}
+
+    @property
+    def has_test(self) -> bool:
+        """Whether the source has a test split."""
+        return self._has_source() and "test" in self._ensure_index().splits
+
+    @property
+    def predict_files(self) -> list[Path]:
+        """The files that predict batch indices refer to (synthetic ``array/NNNNNN`` for arrays)."""
+        if self._predict_files is None:
+            self._build_predict()
+        assert self._predict_files is not None
+        return self._predict_files
+
+    # ---------------------------------------------------------------- indexing
+
+    def _has_source(self) -> bool:
+        return self._arrays is not None or self.root is not None or self.train_csv is not None
+
+    def _ensure_index(self) -> _Index:
+        if self._index is None:
+            if self._arrays is not None:
+                self._index = self._index_arrays()
+            elif self.train_csv is not None:
+                self._index = self._index_csv()
+            elif self.root is None:
+                raise DataError(
+                    "No training data: set data.root to a folder of images in ImageFolder "
+                    "layout (one sub-folder per class), or data.train_csv to a CSV file of "
+                    "path,label rows, or use root: demo for the built-in demo dataset."
+                )
+            elif isinstance(self.root, str) and self.root == "demo":
+                self._index = self._index_folder(ensure_demo_dataset(), demo=True)
+            else:
+                self._index = self._index_folder(Path(self.root).expanduser())
+            n = {k: len(s) for k, s in self._index.splits.items() if k != "all"}
+            log.info(
+                "Data: %s; %d classes; %s images.",
+                self._index.description,
+                len(self._index.class_names),
+                ", ".join(f"{k} {v}" for k, v in n.items()),
+            )
+        return self._index
+
+    def _split_off_val(self, train: _Split, what: str) -> dict[str, _Split]:
+        tr, va = stratified_split(train.labels, self.val_split, self.seed)
+        if not va:
+            raise DataError(
+                f"The {what} is too small to hold out validation images with val_split = "
+                f"{self.val_split} (each class needs at least 2 images); add images or give a "
+                "separate validation set."
+            )
+        return {
+            "train": train.subset(tr),
+            "val": train.subset(va, origin=f"{train.origin} (val_split {self.val_split})"),
+        }
+
+    def _index_folder(self, root: Path, demo: bool = False) -> _Index:
+        if not root.exists():
+            raise DataError(
+                f"The data folder {root} does not exist. Set data.root to a folder of images in "
+                "ImageFolder layout (root/<class>/<images>, or root/train/<class>/... with "
+                "root/val/<class>/...), or use root: demo for the built-in demo dataset."
+            )
+        if not root.is_dir():
+            raise DataError(
+                f"data.root {root} is a file, not a folder. Point it at the folder that holds "
+                "one sub-folder per class (or train/ and val/ folders); for a CSV file use "
+                "data.train_csv."
+            )
+        dirs = {d.name: d for d in _visible_dirs(root)}
+        if "train" in dirs:
+            val_names = [n for n in _VAL_FOLDER_NAMES if n in dirs]
+            if len(val_names) > 1:
+                raise DataError(
+                    f"The data folder {root} has several validation folders "
+                    f"({', '.join(val_names)}); keep one of them."
+                )
+            folders = {"train": dirs["train"]}
+            if val_names:
+                folders["val"] = dirs[val_names[0]]
+            if "test" in dirs:
+                folders["test"] = dirs["test"]
+            others = sorted(set(dirs) - {"train", "test", *val_names})
+            if others:
+                log.warning(
+                    "Ignoring folders %s in %s: next to a train/ folder only train/, val/ and "
+                    "test/ are read.",
+                    ", ".join(others),
+                    root,
+                )
+            roles = {"train": "training", "val": "validation", "test": "test"}
+            per_split = {k: _scan_class_folders(f, roles[k]) for k, f in folders.items()}
+            class_names = sorted(per_split["train"])
+            for split, classes in per_split.items():
+                unknown = sorted(set(classes) - set(class_names))
+                if unknown:
+                    shown = ", ".join(str(folders[split] / u) for u in unknown[:_LIST_IN_MESSAGE])
+                    raise DataError(
+                        f"The {roles[split]} class folder(s) {shown} have no counterpart in "
+                        f"{folders['train']}; the training folder defines the classes "
+                        f"({', '.join(class_names[:10])}). Rename or remove them, or add "
+                        "training images for them."
+                    )
+                missing = sorted(set(class_names) - set(classes))
+                if missing:
+                    log.warning(
+                        "The %s folder %s has no images of class(es) %s.",
+                        roles[split],
+                        folders[split],
+                        ", ".join(missing),
+                    )
+            splits = {}
+            for split, classes in per_split.items():
+                files = [f for name in class_names for f in classes.get(name, [])]
+                labels = [i for i, name in enumerate(class_names) for _ in classes.get(name, [])]
+                splits[split] = _Split(f"folder {folders[split]}", labels, files)
+            if "val" not in splits:
+                splits.update(
+                    self._split_off_val(splits["train"], f"training folder {folders['train']}")
+                )
+        else:
+            classes = _scan_class_folders(root, "data")
+            class_names = sorted(classes)
+            files = [f for name in class_names for f in classes[name]]
+            labels = [i for i, name in enumerate(class_names) for _ in classes[name]]
+            whole = _Split(f"folder {root}", labels, files)
+            splits = self._split_off_val(whole, f"folder {root}")
+            # `test --data.root FOLDER` on a plain class folder evaluates all of it.
+            splits["all"] = whole
+        if len(class_names) < 2:
+            raise DataError(
+                f"The data folder {root} has a single class ({class_names[0]}); classification "
+                "needs at least two class folders."
+            )
+        return _Index(
+            class_names, splits, "demo dataset " + str(root) if demo else f"folder {root}"
+        )
+
+    def _read_csv(self, csv_path: Path, role: str) -> tuple[list[Path], list[str], list[str]]:
+        if not csv_path.is_file():
+            raise DataError(
+                f"The {role} CSV file {csv_path} does not exist (data.{role}_csv); check the path."
+            )
+        files: list[Path] = []
+        labels: list[str] = []
+        rows: list[str] = []
+        base = csv_path.parent
+        try:
+            with open(csv_path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.reader(f)
+                header = next(reader, None)
+                names = [h.strip().lower() for h in header] if header else []
+                if "path" not in names or "label" not in names:
+                    raise DataError(
+                        f"The CSV file {csv_path} must start with a header row naming the "
+                        f"columns path and label (found {header!r}); add the line "
+                        "'path,label' at the top."
+                    )
+                ip, il = names.index("path"), names.index("label")
+                for row_no, row in enumerate(reader, start=1):
+                    where = f"CSV file {csv_path} row {row_no} (line {reader.line_num})"
+                    if not row or all(not c.strip() for c in row):
+                        continue
+                    if len(row) <= max(ip, il):
+                        raise DataError(f"{where} has {len(row)} columns; expected path,label.")
+                    path_s, label = row[ip].strip(), row[il].strip()
+                    if not path_s or not label:
+                        raise DataError(
+                            f"{where} has an empty {'path' if not path_s else 'label'}; every "
+                            "row needs both."
+                        )
+                    p = Path(path_s).expanduser()
+                    files.append(p if p.is_absolute() else base / p)
+                    labels.append(label)
+                    rows.append(where)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"The CSV file {csv_path} is not UTF-8 text ({exc}).") from exc
+        except csv.Error as exc:
+            raise DataError(f"The CSV file {csv_path} is malformed ({exc}).") from exc
+        if not files:
+            raise DataError(f"The {role} CSV file {csv_path} lists no images.")
+        return files, labels, rows
+
+    def _index_csv(self) -> _Index:
+        assert self.train_csv is not None
+        train_csv = Path(self.train_csv).expanduser()
+        files, names, rows = self._read_csv(train_csv, "train")
+        class_names = _natural_class_order(sorted(set(names)))
+        if len(class_names) < 2:
+            raise DataError(
+                f"The CSV file {train_csv} has a single label ({class_names[0]}); "
+                "classification needs at least two classes."
+            )
+        lookup = {c: i for i, c in enumerate(class_names)}
+        splits = {"train": _Split(f"CSV file {train_csv}", [lookup[n] for n in names], files, rows)}
+        for role, value in (("val", self.val_csv), ("test", self.test_csv)):
+            if value is None:
+                continue
+            path = Path(value).expanduser()
+            files, names, rows = self._read_csv(path, role)
+            unknown = [(r, n) for r, n in zip(rows, names, strict=True) if n not in lookup]
+            if unknown:
+                row, label = unknown[0]
+                more = f" ({len(unknown) - 1} more rows too)" if len(unknown) > 1 else ""
+                raise DataError(
+                    f"{row} has the label {label!r}, which the training CSV {train_csv} does "
+                    f"not have{more}; known labels: {', '.join(class_names[:10])}"
+                    f"{', ...' if len(class_names) > 10 else ''}. Fix the label or add training "
+                    "images of that class."
+                )
+            splits[role] = _Split(f"CSV file {path}", [lookup[n] for n in names], files, rows)
+        if "val" not in splits:
+            splits.update(self._split_off_val(splits["train"], f"training CSV {train_csv}"))
+        return _Index(class_names, splits, f"CSV file {train_csv}")
+
+    def _index_arrays(self) -> _Index:
+        assert self._arrays is not None
+        raw: dict[str, tuple[torch.Tensor, np.ndarray, int | None]] = {}
+        for role in ("train", "val", "test"):
+            x, y = self._arrays[role]
+            if x is None and y is None:
+                continue
+            if x is None or y is None:
+                missing = f"{role}_images" if x is None else f"{role}_labels"
+                raise DataError(f"from_arrays() got {role} data without {missing}; give both.")
+            images = _images_to_tensor(x, f"{role}_images")
+            labels, width = _labels_to_ints(y, len(images), f"{role}_labels")
+            raw[role] = (images, labels, width)
+        names = self._arrays["class_names"]
+        widths = {w for _, _, w in raw.values() if w is not None}
+        if len(widths) > 1:
+            raise DataError(f"The one-hot label arrays have different widths {sorted(widths)}.")
+        top = max(int(labels.max()) for _, labels, _ in raw.values()) + 1
+        if names is not None:
+            num_classes = len(names)
+        else:
+            num_classes = max([top, *widths])
+            names = [str(i) for i in range(num_classes)]
+        if num_classes < 2:
+            raise DataError(f"from_arrays() needs at least two classes, got {num_classes}.")
+        if widths and widths != {num_classes}:
+            raise DataError(
+                f"The labels are one-hot with {widths.pop()} columns but there are "
+                f"{num_classes} class names."
+            )
+        for role, (_, labels, _) in raw.items():
+            if labels.max() >= num_classes:
+                raise DataError(
+                    f"{role}_labels has label {int(labels.max())}, but there are only "
+                    f"{num_classes} classes ({', '.join(names[:10])}); labels run from 0 to "
+                    f"{num_classes - 1}."
+                )
+        splits = {
+            role: _Split(f"{role} arrays", labels.tolist(), images=images)
+            for role, (images, labels, _) in raw.items()
+        }
+        if "val" not in splits:
+            splits.update(self._split_off_val(splits["train"], "training arrays"))
+        self._arrays = {"class_names": names}  # the tensors above hold the data now
+        return _Index(list(names), splits, "arrays")
+
+    # ---------------------------------------------------------------- header scan
+
+    def _bad_images_file(self) -> Path:
+        if self.bad_images_log is not None:
+            return Path(self.bad_images_log).expanduser()
+        trainer = self.trainer
+        if trainer is not None:
+            folder = getattr(trainer, "log_dir", None) or trainer.default_root_dir
+            return Path(folder) / "bad_images.txt"
+        return Path.cwd() / "bad_images.txt"
+
+    def _is_global_zero(self) -> bool:
+        trainer = self.trainer
+        return trainer is None or bool(getattr(trainer, "is_global_zero", True))
+
+    def _probe(self, files: Sequence[Path]) -> list[DataError | None]:
+        def check(path: Path) -> DataError | None:
+            try:
+                probe_image(path, self.max_image_pixels)
+            except DataError as exc:
+                return exc
+            return None
+
+        if len(files) >= _SCAN_THREADS_FROM:  # header reads wait on I/O: threads help
+            with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
+                return list(pool.map(check, files))
+        return [check(p) for p in files]
+
+    def _scan(self, splits: Sequence[_Split]) -> list[_Split]:
+        """Header-checks the files of ``splits``; drops bad ones (skip mode) or raises once."""
+        todo = [s for s in splits if s.files is not None and not s.scanned]
+        found: dict[int, list[tuple[int, DataError]]] = {}
+        for split in todo:
+            results = self._probe(split.files or [])
+            found[id(split)] = [(i, exc) for i, exc in enumerate(results) if exc is not None]
+
+        def describe(split: _Split, i: int, exc: DataError) -> str:
+            return f"{split.rows[i]}: {exc}" if split.rows is not None else str(exc)
+
+        bad_all = [(split, i, exc) for split in todo for i, exc in found[id(split)]]
+        if bad_all and not self.skip_bad_images:
+            if len(bad_all) == 1:
+                raise DataError(describe(*bad_all[0]))
+            total = sum(len(s) for s in todo)
+            where = "; ".join(f"{len(found[id(s)])} in {s.origin}" for s in todo if found[id(s)])
+            others = ", ".join(str((s.files or [])[i]) for s, i, _ in bad_all[1:_LIST_IN_MESSAGE])
+            more = len(bad_all) - _LIST_IN_MESSAGE
+            raise DataError(
+                f"{len(bad_all)} of the {total} images cannot be used ({where}). The first: "
+                f"{describe(*bad_all[0])} The others: {others}"
+                f"{f' and {more} more' if more > 0 else ''}. Set skip_bad_images: true to train "
+                "without them."
+            )
+        out = []
+        todo_ids = {id(s) for s in todo}
+        for split in splits:
+            if id(split) not in todo_ids:
+                out.append(split)
+                continue
+            bad = found[id(split)]
+            if not bad:
+                out.append(replace(split, scanned=True))
+                continue
+            out.append(self._skip(split, bad, describe(split, *bad[0])))
+        return out
+
+    def _skip(self, split: _Split, bad: list[tuple[int, DataError]], first: str) -> _Split:
+        """Leaves the ``bad`` positions out of ``split``, lists and reports them."""
+        files = split.files or []
+        bad_paths = [files[i] for i, _ in bad]
+        self.bad_images.extend(p for p in bad_paths if p not in self.bad_images)
+        list_file = self._bad_images_file()
+        if self._is_global_zero():
+            if not self._bad_log_started:  # a fresh list per run, not appended to an old one
+                list_file.unlink(missing_ok=True)
+                self._bad_log_started = True
+            _append_lines(list_file, [str(p) for p in bad_paths])
+        log.warning(
+            "Skipped %d of the %d images of %s (skip_bad_images); their paths are listed in %s. "
+            "The first: %s",
+            len(bad),
+            len(files),
+            split.origin,
+            list_file,
+            first,
+        )
+        bad_set = {i for i, _ in bad}
+        kept = replace(
+            split.subset([i for i in range(len(files)) if i not in bad_set]), scanned=True
+        )
+        if not kept.labels:
+            raise DataError(
+                f"All {len(files)} images of {split.origin} are unreadable (listed in {list_file})."
+            )
+        return kept
+
+    # ---------------------------------------------------------------- datasets
+
+    def _dataset(self, split: _Split, transform: Callable, predict: bool = False) -> Dataset:
+        if split.images is not None:
+            return ArrayDataset(split.images, split.labels, transform)
+        assert split.files is not None
+        return ImageFileDataset(
+            split.files,
+            split.labels,
+            transform,
+            image_size=self.image_size,
+            max_image_pixels=self.max_image_pixels,
+            skip_bad_images=self.skip_bad_images,
+            bad_images_log=self._bad_images_file() if self.skip_bad_images else None,
+            substitute_blank=predict,
+        )
+
+    def _prepared_splits(self, *roles: str) -> list[_Split]:
+        """The splits ``roles``, header-scanned together (one error for all their bad files)."""
+        index = self._ensure_index()
+        for role in roles:
+            if role not in index.splits:
+                raise DataError(self._no_test_message() if role == "test" else f"No {role} split.")
+        splits = self._scan([index.splits[role] for role in roles])
+        for role, split in zip(roles, splits, strict=True):
+            index.splits[role] = split
+        if "train" in roles:
+            present = set(index.splits["train"].labels)
+            lost = [n for i, n in enumerate(index.class_names) if i not in present]
+            if lost:
+                raise DataError(
+                    f"After leaving out bad images, the training images of "
+                    f"{index.splits['train'].origin} have no class {', '.join(lost)}; every "
+                    "class needs training images."
+                )
+        return splits
+
+    def _no_test_message(self) -> str:
+        if self._arrays is not None:
+            fix = "pass test_images and test_labels to ImageDataModule.from_arrays()"
+        elif self.train_csv is not None:
+            fix = "set data.test_csv to a CSV file of path,label rows"
+        elif self.root is not None:
+            fix = f"add a test/ folder with one sub-folder per class to {self.root}"
+            if not (Path(self.root) / "train").is_dir() and self.root != "demo":
+                fix += " (which then needs train/ and val/ folders too)"
+        else:
+            fix = "set data.root or data.train_csv"
+        return f"Testing needs a test split, but the data has none: {fix}."
+
+    def _build_predict(self) -> None:
+        if self.predict_dir is not None:
+            folder = Path(self.predict_dir).expanduser()
+            if not folder.is_dir():
+                raise DataError(
+                    f"data.predict_dir {folder} is not a folder; point it at a folder of images "
+                    "(searched recursively)."
+                )
+            files = list_images(folder)
+            if not files:
+                raise DataError(
+                    f"data.predict_dir {folder} holds no images (recognised extensions: "
+                    f"{', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...)."
+                )
+            (split,) = self._scan([_Split(f"folder {folder}", [-1] * len(files), files)])
+            self._predict_split = split
+            self._predict_files = list(split.files or [])
+            return
+        if not self._has_source():
+            raise DataError(
+                "Nothing to predict: set data.predict_dir to a folder of images (or a data "
+                "source with a validation or test split)."
+            )
+        index = self._ensure_index()
+        role = "test" if "test" in index.splits else "val"
+        (split,) = self._prepared_splits(role)
+        self._predict_split = split
+        if split.files is not None:
+            self._predict_files = list(split.files)
+        else:
+            self._predict_files = [Path(f"array/{i:06d}") for i in range(len(split))]
+
+    def prepare_data(self) -> None:
+        """Generates the demo dataset when ``root`` is ``demo`` (once per machine)."""
+        if isinstance(self.root, str) and self.root == "demo":
+            ensure_demo_dataset()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Builds the datasets of a stage, after a header scan of their files.
+
+        Args:
+            stage: ``fit``, ``validate``, ``test``, ``predict``, or ``None`` for all.
+        """
+        evaluate = eval_transform(self.image_size)
+        if stage in (None, "fit") and self.train_dataset is None:
+            train, _ = self._prepared_splits("train", "val")
+            self.train_dataset = self._dataset(
+                train, train_transform(self.image_size, self.augment, self.trivial_augment)
+            )
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            (val,) = self._prepared_splits("val")
+            self.val_dataset = self._dataset(val, evaluate)
+        if (stage == "test" or (stage is None and self.has_test)) and self.test_dataset is None:
+            splits = self._ensure_index().splits
+            role = "all" if "test" not in splits and "all" in splits else "test"
+            if role == "all":
+                log.info(
+                    "No test/ folder in %s: testing on all %d of its images.",
+                    self.root,
+                    len(splits["all"]),
+                )
+            (test,) = self._prepared_splits(role)
+            self.test_dataset = self._dataset(test, evaluate)
+        if stage in (None, "predict") and self.predict_dataset is None:
+            if self._predict_split is None:
+                self._build_predict()
+            assert self._predict_split is not None
+            self.predict_dataset = IndexedDataset(
+                self._dataset(self._predict_split, evaluate, predict=True)
+            )
+
+    # ---------------------------------------------------------------- loaders
+
+    def _resolved_num_workers(self) -> int:
+        if self.num_workers is not None:
+            return int(self.num_workers)
+        per_node = 1
+        if self.trainer is not None:
+            per_node = max(1, int(getattr(self.trainer, "num_devices", 1) or 1))
+        return default_num_workers(per_node)
+
+    def _pin_memory(self) -> bool:
+        trainer = self.trainer
+        if trainer is not None:
+            try:
+                return trainer.strategy.root_device.type == "cuda"
+            except (AttributeError, RuntimeError):
+                accelerator = getattr(trainer, "accelerator", None)
+                return type(accelerator).__name__ == "CUDAAccelerator"
+        return torch.cuda.is_available()
+
+    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+        workers = self._resolved_num_workers()
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self._pin_memory(),
+            drop_last=False,
+        )
+
+    def _current_epoch(self) -> int:
+        """The epoch Lightning is about to run (also right after resuming from a checkpoint)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        try:
+            return int(trainer.fit_loop.epoch_progress.current.processed)
+        except AttributeError:
+            return int(getattr(trainer, "current_epoch", 0) or 0)
+
+    def _require(self, name: str, stage: str) -> Dataset:
+        if getattr(self, name) is None:
+            self.setup(stage)
+        dataset = getattr(self, name)
+        assert dataset is not None
+        return dataset
+
+    def train_dataloader(self) -> DataLoader:
+        """Training batches in an order fixed by ``(seed, epoch)``: :class:`EpochShuffleSampler`."""
+        dataset = self._require("train_dataset", "fit")
+        sampler = EpochShuffleSampler(len(dataset), self.seed)  # type: ignore[arg-type]
+        sampler.set_epoch(self._current_epoch())
+        self.train_sampler = sampler
+        return self._loader(dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches, in dataset order."""
+        return self._loader(self._require("val_dataset", "validate"))
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches, in dataset order; a :class:`DataError` when there is no test split."""
+        if self.test_dataset is None and self._has_source() and not self.has_test:
+            raise DataError(self._no_test_message())
+        return self._loader(self._require("test_dataset", "test"))
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of ``(images, indices)``; indices are positions in :attr:`predict_files`."""
+        return self._loader(self._require("predict_dataset", "predict"))
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The class names, so that resuming or predicting checks (or restores) them."""
+        if self._has_source():
+            return {"class_names": self.class_names}
+        if self._restored_class_names is not None:
+            return {"class_names": list(self._restored_class_names)}
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the class names of a checkpoint, or checks them against this data.
+
+        Args:
+            state_dict: What :meth:`state_dict` returned when the checkpoint was saved.
+        """
+        names = state_dict.get("class_names")
+        if names is None:
+            return
+        names = [str(n) for n in names]
+        if not self._has_source():
+            self._restored_class_names = names
+            return
+        if names != self.class_names:
+            raise DataError(
+                f"The checkpoint was trained on the classes {', '.join(names[:10])} but the "
+                f"data has {', '.join(self.class_names[:10])}; labels would not match. Use the "
+                "same data (class folders) as the checkpoint, or start a new training run."
+            )
