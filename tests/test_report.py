@@ -1,0 +1,208 @@
+import json
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from tiny import TinyData, tiny_tensors, trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+
+from tlfinetune import FreezeSchedule, TransferClassifier
+from tlfinetune.report import (
+    EvalResult,
+    EvaluationReport,
+    LearningCurves,
+    evaluate,
+    format_report,
+    plot_learning_curves,
+    write_report,
+)
+
+
+def assert_png(path, size):
+    """The file decodes as a PNG of ``size`` pixels with visible content (not one flat colour)."""
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == size, (image.format, image.size)
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    assert pixels.std() > 5 and (pixels < 128).mean() > 0.002, "the image looks blank"
+
+
+class Lookup(nn.Module):
+    """Logits from a table, row = the sample index written into each image's first pixel."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("table", logits)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.table[x[:, 0, 0, 0].long()] * self.scale
+
+
+def lookup_data(n=10, num_classes=3, batch_size=4):
+    logits = torch.randn(n, num_classes, generator=torch.Generator().manual_seed(0)) * 3
+    labels = torch.arange(n) % num_classes
+    images = torch.randint(0, 255, (n, 3, 8, 8), dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(n, dtype=torch.uint8)
+    return logits, labels, DataLoader(TensorDataset(images, labels), batch_size=batch_size)
+
+
+def test_evaluate_keeps_the_most_confident_mistakes_only():
+    logits, labels, loader = lookup_data(n=30)
+    model = Lookup(logits).train()
+    result = evaluate(model, loader, ["a", "b", "c"], max_mistakes=3)
+    assert model.training  # mode restored
+    probs = torch.softmax(logits, dim=1)
+    assert torch.allclose(result.probs, probs) and torch.equal(result.labels, labels)
+    confidence, preds = probs.max(dim=1)
+    wrong = (preds != labels).nonzero().flatten()
+    worst = wrong[confidence[wrong].argsort(descending=True)][:3]
+    assert len(wrong) > 3 and len(result.mistakes) == 3
+    assert [m.confidence for m in result.mistakes] == pytest.approx(confidence[worst].tolist())
+    assert [(m.label, m.pred) for m in result.mistakes] == [
+        (labels[i].item(), preds[i].item()) for i in worst
+    ]
+    assert [m.image[0, 0, 0].item() for m in result.mistakes] == worst.tolist()  # their images
+    assert result.mistakes[0].image.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("num_classes", [3, 7])
+def test_write_report_matches_torchmetrics(tmp_path, num_classes):
+    names = [f"class {chr(97 + i)}" for i in range(num_classes)]
+    model = TransferClassifier(
+        weights="none", num_classes=num_classes, image_size=32, class_names=names
+    )
+    data = TinyData(n=28, num_classes=num_classes)
+    result = evaluate(model, data.val_dataloader())
+    metrics = write_report(result, tmp_path / "report", extra={"stage": "test"})
+
+    x, y = tiny_tensors(28, 32, num_classes)
+    with torch.no_grad():
+        probs = torch.softmax(model.eval()(x), dim=1)  # independently of evaluate()
+    assert torch.allclose(result.probs, probs, atol=1e-6) and torch.equal(result.labels, y)
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved == metrics and saved["stage"] == "test" and saved["num_samples"] == 28
+    c = num_classes
+    assert saved["accuracy"] == pytest.approx(multiclass_accuracy(probs, y, c, average="micro"))
+    assert saved["macro_f1"] == pytest.approx(multiclass_f1_score(probs, y, c, average="macro"))
+    assert ("top5_accuracy" in saved) == (num_classes > 5)
+    if num_classes > 5:
+        top5 = multiclass_accuracy(probs, y, c, top_k=5, average="micro")
+        assert saved["top5_accuracy"] == pytest.approx(top5)
+    assert list(saved["per_class"]) == names
+    columns = {
+        "precision": multiclass_precision(probs, y, c, average=None),
+        "recall": multiclass_recall(probs, y, c, average=None),
+        "f1": multiclass_f1_score(probs, y, c, average=None),
+        "support": torch.bincount(y, minlength=c),
+    }
+    for key, values in columns.items():
+        assert [saved["per_class"][n][key] for n in names] == pytest.approx(values.tolist())
+    assert saved["confusion_matrix"] == multiclass_confusion_matrix(probs, y, c).tolist()
+
+    side = {3: 500, 7: 615}[num_classes]
+    assert_png(tmp_path / "report" / "confusion_matrix.png", (side, side))
+    k = len(result.mistakes)
+    assert k == min(16, int((probs.argmax(1) != y).sum()))
+    cols, rows = min(4, k), -(-k // 4)
+    assert_png(tmp_path / "report" / "mistakes.png", (260 * cols, 290 * rows))
+
+    text = format_report(metrics)
+    assert all(n in text for n in names) and ("top-5" in text) == (num_classes > 5)
+
+
+def test_no_mistakes_still_gives_an_image(tmp_path):
+    labels = torch.tensor([0, 1, 2, 1])
+    result = EvalResult(torch.eye(3)[labels], labels, ["x", "y", "z"])
+    metrics = write_report(result, tmp_path)
+    assert metrics["accuracy"] == 1.0 and metrics["per_class"]["y"]["support"] == 2
+    assert_png(tmp_path / "mistakes.png", (600, 200))
+    assert_png(tmp_path / "confusion_matrix.png", (500, 500))
+
+
+def test_learning_curves_record_epochs_and_milestones_across_a_resume(tmp_path):
+    def fit(epochs, folder, ckpt_path=None):
+        model = TransferClassifier(weights="none", num_classes=3, image_size=32)
+        curves = LearningCurves(dirpath=str(tmp_path / folder))
+        t = trainer(epochs, callbacks=[FreezeSchedule(milestones={1: "block5"}), curves])
+        t.fit(model, TinyData(), ckpt_path=ckpt_path)
+        return t, curves
+
+    t, first = fit(2, "first")
+    keys = {"epoch", "train/loss", "train/acc", "val/loss", "val/acc", "trainable_params"}
+    assert [h["epoch"] for h in first.history] == [0, 1]
+    assert all(set(h) == keys for h in first.history)
+    assert first.history[1]["trainable_params"] > first.history[0]["trainable_params"]
+    assert first.milestones == {1: "unfreeze block5+"}
+    assert_png(tmp_path / "first" / "learning_curves.png", (1100, 420))
+
+    t.save_checkpoint(tmp_path / "epoch1.ckpt")
+    _, resumed = fit(3, "resumed", ckpt_path=tmp_path / "epoch1.ckpt")
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    assert resumed.history[:2] == first.history
+    assert resumed.milestones == {1: "unfreeze block5+"}
+    saved = json.loads((tmp_path / "resumed" / "learning_curves.json").read_text())
+    assert saved["history"] == resumed.history and saved["milestones"] == {"1": "unfreeze block5+"}
+    assert_png(tmp_path / "resumed" / "learning_curves.png", (1100, 420))
+
+
+def test_plot_learning_curves_draws_milestones_and_copes_with_gaps():
+    history = [{"epoch": 0, "train/loss": 1.0}, {"epoch": 1, "train/loss": 0.5, "val/loss": 0.7}]
+    fig = plot_learning_curves(history, {1: "unfreeze block5+"})
+    assert isinstance(fig, Figure)
+    loss, acc = fig.axes
+    assert [line.get_label() for line in loss.lines[:2]] == ["train/loss", "val/loss"]
+    assert any(list(line.get_xdata()) == [0.5, 0.5] for line in acc.lines)  # the milestone
+    assert isinstance(plot_learning_curves([]), Figure)
+
+
+def test_evaluation_report_runs_at_validate_and_test_not_during_fit(tmp_path, capsys):
+    data = TinyData()
+    model = TransferClassifier(weights="none", num_classes=3, image_size=32)
+    report = EvaluationReport()
+    t = trainer(1, callbacks=[report], default_root_dir=tmp_path)
+    t.fit(model, data)
+    assert not list(tmp_path.glob("*_report"))
+
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    for stage in ("validate", "test"):
+        getattr(t, stage)(model, data)
+        folder = tmp_path / f"{stage}_report"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        logged = t.callback_metrics[f"{'val' if stage == 'validate' else 'test'}/acc"]
+        assert metrics["stage"] == stage and metrics["num_samples"] == 24
+        assert metrics["accuracy"] == pytest.approx(logged.item())  # the loop's own predictions
+        assert list(metrics["per_class"]) == ["c0", "c1", "c2"]  # names from the datamodule
+        assert report.metrics[0] == metrics
+        assert_png(folder / "confusion_matrix.png", (500, 500))
+        assert (folder / "mistakes.png").is_file()
+    assert len(calls) == 2 * 3  # one forward per batch: no second pass over the data
+    assert "test report" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_evaluation_report_gathers_predictions_from_all_processes(tmp_path):
+    data = TinyData(n=26)  # 13 per process: no sample repeated by the DistributedSampler
+    model = TransferClassifier(weights="none", num_classes=3, image_size=32)
+    t = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[EvaluationReport(max_mistakes=5)],
+    )  # fmt: skip
+    (logged,) = t.test(model, data)
+    metrics = json.loads((tmp_path / "test_report" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 26
+    assert metrics["accuracy"] == pytest.approx(logged["test/acc"])
+    assert sum(map(sum, metrics["confusion_matrix"])) == 26
+    assert_png(tmp_path / "test_report" / "confusion_matrix.png", (500, 500))

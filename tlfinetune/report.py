@@ -1,0 +1,584 @@
+"""Results people can look at: learning curves, metrics, confusion matrix, confident mistakes.
+
+Two callbacks write them from a Trainer, and plain functions do the same from a notebook:
+
+- :class:`LearningCurves` (during ``fit``): per-epoch train/val loss and accuracy, and the epochs
+  where the :class:`~tlfinetune.freeze.FreezeSchedule` unfroze more of the backbone, drawn into
+  ``learning_curves.png`` (numbers in ``learning_curves.json``) at the end of the fit.
+- :class:`EvaluationReport` (during ``validate`` / ``test``, never during ``fit``): keeps the
+  predictions the evaluation loop makes anyway (no second pass), then writes ``metrics.json``,
+  ``confusion_matrix.png`` and ``mistakes.png`` and prints the per-class table.
+- :func:`evaluate` -> :class:`EvalResult` -> :func:`write_report` / :func:`compute_metrics`,
+  :func:`plot_confusion_matrix`, :func:`plot_mistakes`, :func:`plot_learning_curves`.
+
+Every number comes from torchmetrics. Figures are ``matplotlib.figure.Figure`` objects drawn
+without pyplot, so nothing depends on a display or on the backend a notebook chose; a notebook
+shows a returned Figure inline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from tlfinetune.backbone import block_of
+from tlfinetune.errors import ConfigError, DataError
+from tlfinetune.freeze import FreezeSchedule
+
+log = logging.getLogger(__name__)
+
+CURVE_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")
+DPI = 100
+
+
+# --- evaluation results ------------------------------------------------------------------------
+
+
+@dataclass
+class Mistake:
+    """One wrongly classified image, with the probability the model gave its wrong answer."""
+
+    image: Tensor  # (3, H, W) uint8
+    label: int
+    pred: int
+    confidence: float
+
+
+@dataclass
+class EvalResult:
+    """Predictions over a dataset: probabilities, true labels, the most confident mistakes."""
+
+    probs: Tensor  # (N, C) float32
+    labels: Tensor  # (N,) int64
+    class_names: list[str]
+    mistakes: list[Mistake] = field(default_factory=list)  # most confident first
+
+    @property
+    def preds(self) -> Tensor:
+        """Top-1 predicted class per sample, (N,)."""
+        return self.probs.argmax(dim=1)
+
+    @property
+    def num_classes(self) -> int:  # noqa: D102
+        return len(self.class_names)
+
+
+class _Collector:
+    """Accumulates batches of probabilities and labels, keeping only the top-k worst images."""
+
+    def __init__(self, max_mistakes: int) -> None:
+        self.max_mistakes = max_mistakes
+        self.probs: list[Tensor] = []
+        self.labels: list[Tensor] = []
+        self.mistakes: list[Mistake] = []
+        self.image_shape = (0, 0, 0)  # (C, H, W) of the images seen
+
+    def update(self, probs: Tensor, labels: Tensor, images: Tensor) -> None:
+        self.image_shape = tuple(images.shape[1:])
+        probs, labels = probs.detach().float().cpu(), labels.detach().long().cpu()
+        self.probs.append(probs)
+        self.labels.append(labels)
+        confidence, preds = probs.max(dim=1)
+        wrong = (preds != labels).nonzero().flatten().tolist()
+        full = self.mistakes and len(self.mistakes) >= self.max_mistakes
+        floor = self.mistakes[-1].confidence if full else -1.0
+        wrong = wrong if self.max_mistakes > 0 else []
+        for i in wrong:
+            if confidence[i].item() > floor:  # only copy the images that can make the top k
+                image = _to_uint8(images[i].detach().cpu())
+                self.mistakes.append(
+                    Mistake(image, int(labels[i]), int(preds[i]), confidence[i].item())
+                )
+        self.mistakes.sort(key=lambda m: -m.confidence)
+        del self.mistakes[self.max_mistakes :]
+
+    def result(self, class_names: Sequence[str]) -> EvalResult:
+        if not self.labels:
+            raise DataError("Nothing to report on: the dataloader gave no batches.")
+        return EvalResult(
+            torch.cat(self.probs), torch.cat(self.labels), list(class_names), self.mistakes
+        )
+
+
+def _to_uint8(image: Tensor) -> Tensor:
+    if image.dtype == torch.uint8:
+        return image.clone()
+    return (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def resolve_class_names(model: nn.Module, class_names: Sequence[str] | None = None) -> list[str]:
+    """Names given, else the model's ``hparams.class_names``, else ``"0"``, ``"1"``, ..."""
+    hparams = getattr(model, "hparams", {})
+    names = class_names or hparams.get("class_names")
+    num_classes = hparams.get("num_classes") or (len(names) if names else None)
+    if names is None:
+        if num_classes is None:
+            raise ConfigError("Give class_names: the model does not say how many classes it has.")
+        names = [str(i) for i in range(num_classes)]
+    names = [str(n) for n in names]
+    if num_classes is not None and len(names) != num_classes:
+        raise ConfigError(f"{len(names)} class names for a model with {num_classes} classes.")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"Class names must be unique to key the report by them: {names}.")
+    return names
+
+
+def evaluate(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    class_names: Sequence[str] | None = None,
+    *,
+    max_mistakes: int = 16,
+) -> EvalResult:
+    """Run ``model`` in eval mode without gradients over batches ``(images, labels)``.
+
+    Args:
+        model: maps images (N, 3, H, W) to logits (N, C); used on the device its parameters are
+            on, and put back in its previous train/eval mode afterwards.
+        dataloader: yields ``(images, labels, ...)`` batches.
+        class_names: names in label order; by default the model's ``hparams.class_names``.
+        max_mistakes: how many of the most confidently wrong images to keep for the grid.
+
+    Returns:
+        Probabilities, labels, class names and the most confident mistakes.
+    """
+    names = resolve_class_names(model, class_names)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    collector = _Collector(max_mistakes)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in dataloader:
+                images, labels = batch[0], batch[1]
+                logits = model(images.to(device))
+                collector.update(torch.softmax(logits.float(), dim=1), labels, images)
+    finally:
+        model.train(was_training)
+    return collector.result(names)
+
+
+# --- numbers -----------------------------------------------------------------------------------
+
+
+def compute_metrics(result: EvalResult) -> dict[str, Any]:
+    """Accuracy (micro top-1), top-5 accuracy (more than 5 classes), macro F1, per-class table.
+
+    Returns:
+        ``num_samples``, ``num_classes``, ``accuracy``, ``top5_accuracy`` (only when there are
+        more than 5 classes), ``macro_f1``, ``per_class`` (``{name: {precision, recall, f1,
+        support}}``) and ``confusion_matrix`` (rows: true class, columns: predicted class).
+    """
+    probs, labels, c = result.probs, result.labels, result.num_classes
+
+    def value(metric_class: type[Metric], **kwargs: Any) -> Tensor:
+        metric = _metric(metric_class, c, **kwargs)
+        metric.update(probs, labels)
+        return metric.compute()
+
+    metrics: dict[str, Any] = {
+        "num_samples": len(labels),
+        "num_classes": c,
+        "accuracy": value(MulticlassAccuracy, average="micro").item(),
+    }
+    if c > 5:
+        metrics["top5_accuracy"] = value(MulticlassAccuracy, top_k=5, average="micro").item()
+    metrics["macro_f1"] = value(MulticlassF1Score, average="macro").item()
+    precision = value(MulticlassPrecision, average=None).tolist()
+    recall = value(MulticlassRecall, average=None).tolist()
+    f1 = value(MulticlassF1Score, average=None).tolist()
+    support = torch.bincount(labels, minlength=c).tolist()
+    metrics["per_class"] = {
+        name: {"precision": p, "recall": r, "f1": f, "support": s}
+        for name, p, r, f, s in zip(result.class_names, precision, recall, f1, support, strict=True)
+    }
+    metrics["confusion_matrix"] = value(MulticlassConfusionMatrix).tolist()
+    return metrics
+
+
+def _metric(metric_class: type[Metric], num_classes: int, **kwargs: Any) -> Metric:
+    # The predictions are complete here (gathered already under DDP): a metric that synced
+    # across processes on compute would wait forever for ranks that do not report.
+    return metric_class(num_classes, sync_on_compute=False, **kwargs)
+
+
+def format_report(metrics: dict[str, Any]) -> str:
+    """A text table for the console: the summary numbers, then one row per class."""
+    lines = [f"{'accuracy':<16}{metrics['accuracy']:.4f}  ({metrics['num_samples']} samples)"]
+    if "top5_accuracy" in metrics:
+        lines.append(f"{'top-5 accuracy':<16}{metrics['top5_accuracy']:.4f}")
+    lines.append(f"{'macro F1':<16}{metrics['macro_f1']:.4f}")
+    width = max([5, *(len(name) for name in metrics["per_class"])]) + 2
+    lines += ["", f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    for name, row in metrics["per_class"].items():
+        lines.append(
+            f"{name:<{width}}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}"
+            f"{row['support']:>10d}"
+        )
+    return "\n".join(lines)
+
+
+def write_report(
+    result: EvalResult, out_dir: str | Path, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write ``metrics.json``, ``confusion_matrix.png`` and ``mistakes.png`` into ``out_dir``.
+
+    Args:
+        result: what :func:`evaluate` returned.
+        out_dir: folder for the three files; created when missing.
+        extra: more entries for ``metrics.json`` (e.g. the stage or checkpoint it came from).
+
+    Returns:
+        The metrics written to ``metrics.json`` (see :func:`compute_metrics`).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {**(extra or {}), **compute_metrics(result)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_confusion_matrix(result).savefig(out / "confusion_matrix.png", dpi=DPI)
+    plot_mistakes(result).savefig(out / "mistakes.png", dpi=DPI)
+    return metrics
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+
+def plot_confusion_matrix(result: EvalResult) -> Figure:
+    """Counts of (true, predicted) pairs, class names on both axes."""
+    c = result.num_classes
+    side = min(max(5.0, 0.45 * c + 3.0), 20.0)
+    fig = Figure(figsize=(side, side), layout="constrained")
+    ax = fig.add_subplot()
+    confmat = _metric(MulticlassConfusionMatrix, c)
+    confmat.update(result.probs, result.labels)
+    confmat.plot(ax=ax, labels=[_short(n) for n in result.class_names], add_text=c <= 20)
+    for label in ax.get_xticklabels():  # rotated names end under their column
+        label.set(ha="right", rotation_mode="anchor")
+    for label in ax.get_yticklabels():
+        label.set(rotation=0)
+    for text in ax.texts:  # torchmetrics writes the counts at 15 pt
+        text.set_fontsize(15 if c <= 8 else 10)
+    accuracy = (result.preds == result.labels).float().mean().item()
+    fig.suptitle(f"Confusion matrix: {len(result.labels)} images, accuracy {accuracy:.1%}")
+    return fig
+
+
+def plot_mistakes(result: EvalResult) -> Figure:
+    """The most confidently wrong images with true label, predicted label and its probability."""
+    mistakes = result.mistakes
+    if not mistakes:
+        fig = Figure(figsize=(6, 2), layout="constrained")
+        fig.text(0.5, 0.5, f"No mistakes: all {len(result.labels)} images classified correctly.",
+                 ha="center", va="center", fontsize=12)  # fmt: skip
+        return fig
+    cols = min(4, len(mistakes))
+    rows = math.ceil(len(mistakes) / cols)
+    fig = Figure(figsize=(2.6 * cols, 2.9 * rows), layout="constrained")
+    fig.suptitle("Most confident mistakes")
+    names = [_short(n) for n in result.class_names]
+    for i, m in enumerate(mistakes):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        image = m.image.permute(1, 2, 0).numpy()
+        ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray")
+        ax.set_title(
+            f"true: {names[m.label]}\npred: {names[m.pred]} ({m.confidence:.2f})", fontsize=9
+        )
+        ax.axis("off")
+    return fig
+
+
+def _short(name: str, limit: int = 18) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def plot_learning_curves(
+    history: Sequence[dict[str, Any]], milestones: dict[int, str] | None = None
+) -> Figure:
+    """Loss and accuracy per epoch, train and val, with unfreeze milestones as vertical lines.
+
+    Args:
+        history: one dict per epoch with ``epoch`` and any of ``train/loss``, ``train/acc``,
+            ``val/loss``, ``val/acc`` (as :attr:`LearningCurves.history`).
+        milestones: ``{epoch: label}``; a line is drawn where that epoch starts.
+    """
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, quantity in zip(axes, ("loss", "acc"), strict=True):
+        for stage, style in (("train", "o-"), ("val", "s--")):
+            key = f"{stage}/{quantity}"
+            points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=key)
+        for epoch, label in (milestones or {}).items():
+            ax.axvline(epoch - 0.5, color="tab:gray", linestyle=":")
+            ax.annotate(label, (epoch - 0.5, 1.0), xycoords=ax.get_xaxis_transform(),
+                        xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=8, color="tab:gray")  # fmt: skip
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if quantity == "acc" else "loss")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    if not history:
+        fig.text(0.5, 0.5, "No epochs recorded.", ha="center", va="center")
+    fig.suptitle("Learning curves")
+    return fig
+
+
+# --- callbacks ---------------------------------------------------------------------------------
+
+
+def _trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+class LearningCurves(pl.Callback):
+    """Record loss and accuracy per epoch during ``fit``; draw ``learning_curves.png`` at the end.
+
+    An epoch where more parameters train than in the one before is a milestone (the
+    FreezeSchedule unfroze layers at its start); it is labelled with the backbone block the
+    schedule unfroze from. The history is saved in checkpoints, so a resumed fit draws every
+    epoch.
+
+    Args:
+        dirpath: folder for ``learning_curves.png`` and ``learning_curves.json``; by default the
+            Trainer's ``log_dir`` (its ``default_root_dir`` without a logger).
+
+    Attributes:
+        history: one dict per epoch: ``epoch``, ``train/loss``, ``train/acc``, ``val/loss``,
+            ``val/acc`` (those logged) and ``trainable_params``.
+        milestones: ``{epoch: label}`` for the epochs that unfroze layers.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self.history: list[dict[str, Any]] = []
+        self.milestones: dict[int, str] = {}
+
+    def _entry(self, epoch: int) -> dict[str, Any]:
+        for entry in self.history:
+            if entry["epoch"] == epoch:
+                return entry
+        self.history.append({"epoch": epoch})
+        return self.history[-1]
+
+    def _record(self, trainer: pl.Trainer, prefix: str) -> dict[str, Any]:
+        entry = self._entry(trainer.current_epoch)
+        for key in CURVE_KEYS:
+            value = trainer.callback_metrics.get(key)
+            if key.startswith(prefix) and value is not None:
+                entry[key] = float(value)
+        return entry
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record ``val/loss`` and ``val/acc`` of the current epoch (not in the sanity check)."""
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._record(trainer, "val/")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record ``train/loss``, ``train/acc`` and the trainable parameter count."""
+        entry = self._record(trainer, "train/")
+        entry["trainable_params"] = _trainable_parameters(pl_module)
+        before = [h.get("trainable_params") for h in self.history if h["epoch"] < entry["epoch"]]
+        if before and before[-1] is not None and entry["trainable_params"] > before[-1]:
+            self.milestones[entry["epoch"]] = self._label(trainer, pl_module, entry["epoch"])
+
+    @staticmethod
+    def _label(trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> str:
+        schedule = next((c for c in trainer.callbacks if isinstance(c, FreezeSchedule)), None)
+        steps = dict(getattr(schedule, "_steps", []))
+        backbone = pl_module.hparams.get("backbone")
+        if epoch in steps and backbone is not None:
+            index = steps[epoch]
+            return "unfreeze all" if index == 0 else f"unfreeze {block_of(backbone, index)}+"
+        return "unfreeze"
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write ``learning_curves.png`` and ``learning_curves.json`` (rank 0 only)."""
+        out = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)  # all ranks
+        if not trainer.is_global_zero:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.history.sort(key=lambda h: h["epoch"])
+        plot_learning_curves(self.history, self.milestones).savefig(
+            out / "learning_curves.png", dpi=DPI
+        )
+        data = {"history": self.history, "milestones": self.milestones}
+        (out / "learning_curves.json").write_text(json.dumps(data, indent=2) + "\n")
+        log.info(f"Learning curves written to {out / 'learning_curves.png'}.")
+
+    def state_dict(self) -> dict[str, Any]:
+        """History and milestones, so a resumed fit keeps the earlier epochs."""
+        return {"history": [dict(h) for h in self.history], "milestones": dict(self.milestones)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self.milestones = {int(k): v for k, v in state_dict.get("milestones", {}).items()}
+
+
+class EvaluationReport(pl.Callback):
+    """Write the evaluation report at the end of ``trainer.validate`` and ``trainer.test``.
+
+    The logits the model computes in ``validation_step`` / ``test_step`` are caught with a
+    forward hook, so the report costs no second pass over the data and its numbers are the
+    ones the loop logged. (A batch whose logits were not caught, e.g. from a step that never
+    calls the model on the whole batch, is run through the model again.) Nothing happens during
+    ``fit``. With several processes, predictions are gathered onto rank 0, which writes.
+
+    Files go into ``dirpath``, by default ``<trainer.log_dir>/<stage>_report`` (``log_dir`` is
+    ``default_root_dir`` without a logger); one sub-folder ``dataloader_<i>`` per dataloader
+    when there are several.
+
+    Args:
+        dirpath: folder for the report files.
+        max_mistakes: images in ``mistakes.png``.
+        verbose: print the per-class table.
+
+    Attributes:
+        metrics: ``{dataloader_idx: metrics}`` of the last report, on rank 0.
+    """
+
+    def __init__(
+        self, dirpath: str | None = None, max_mistakes: int = 16, verbose: bool = True
+    ) -> None:
+        self.dirpath = dirpath
+        self.max_mistakes = max_mistakes
+        self.verbose = verbose
+        self.metrics: dict[int, dict[str, Any]] = {}
+        self._collectors: dict[int, _Collector] = {}
+        self._caught: list[Tensor] = []
+        self._hook: Any = None
+
+    # Lightning hooks, for both stages.
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start catching logits when the run is ``trainer.validate``."""
+        self._start(trainer, pl_module, "validate")
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start catching logits when the run is ``trainer.test``."""
+        self._start(trainer, pl_module, "test")
+
+    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
+        self._caught.clear()
+
+    on_test_batch_start = on_validation_batch_start
+
+    def on_validation_batch_end(  # noqa: D102
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        self._batch_end(pl_module, batch, dataloader_idx)
+
+    on_test_batch_end = on_validation_batch_end
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the report of ``trainer.validate``."""
+        self._end(trainer, pl_module, "validate")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the report of ``trainer.test``."""
+        self._end(trainer, pl_module, "test")
+
+    def on_exception(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
+        self._remove_hook()
+
+    # The work.
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.state.fn != stage:  # validation inside fit: not ours
+            return
+        self._collectors, self._caught = {}, []
+        self._remove_hook()
+        self._hook = pl_module.register_forward_hook(self._catch)
+
+    def _catch(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and output.ndim == 2:
+            self._caught.append(output.detach())
+
+    def _batch_end(self, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
+        if self._hook is None:
+            return
+        images, labels = batch[0], batch[1]
+        logits = next((t for t in reversed(self._caught) if len(t) == len(labels)), None)
+        if logits is None:
+            with torch.no_grad():
+                logits = pl_module(images)
+        self._caught.clear()
+        collector = self._collectors.setdefault(dataloader_idx, _Collector(self.max_mistakes))
+        collector.update(torch.softmax(logits.float(), dim=1), labels, images)
+
+    def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._hook is None or trainer.state.fn != stage:
+            return
+        self._remove_hook()
+        if trainer.world_size > 1:
+            for collector in self._collectors.values():
+                _gather(trainer, collector)
+        log_dir = trainer.log_dir or trainer.default_root_dir  # on all ranks: log_dir broadcasts
+        root = Path(self.dirpath) if self.dirpath else Path(log_dir) / f"{stage}_report"
+        if not trainer.is_global_zero:
+            return
+        names = resolve_class_names(pl_module)
+        many = len(self._collectors) > 1
+        self.metrics = {}
+        for idx, collector in sorted(self._collectors.items()):
+            out = root / f"dataloader_{idx}" if many else root
+            extra = {"stage": stage, "dataloader_idx": idx}
+            self.metrics[idx] = write_report(collector.result(names), out, extra)
+            if self.verbose:
+                print(f"\n{stage} report ({out}):\n{format_report(self.metrics[idx])}")
+        self._collectors = {}
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def _gather(trainer: pl.Trainer, collector: _Collector) -> None:
+    """Replace one process's predictions and mistakes by those of all processes."""
+    probs = _gather_rows(trainer, torch.cat(collector.probs))
+    labels = _gather_rows(trainer, torch.cat(collector.labels))
+    collector.probs, collector.labels = [probs], [labels]
+    mistakes = collector.mistakes
+    shape = torch.tensor(collector.image_shape, device=trainer.strategy.root_device)
+    shape = trainer.strategy.all_gather(shape).reshape(-1, 3).max(dim=0).values.tolist()
+    images = torch.stack([m.image for m in mistakes]) if mistakes else torch.zeros(0, *shape)
+    meta = torch.tensor([[m.label, m.pred, m.confidence] for m in mistakes], dtype=torch.float64)
+    images = _gather_rows(trainer, images.to(torch.uint8))
+    meta = _gather_rows(trainer, meta.reshape(-1, 3))
+    collector.mistakes = [
+        Mistake(image, int(label), int(pred), conf)
+        for image, (label, pred, conf) in zip(images, meta.tolist(), strict=True)
+    ]
+    collector.mistakes.sort(key=lambda m: -m.confidence)
+    del collector.mistakes[collector.max_mistakes :]
+
+
+def _gather_rows(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
+    """Concatenate the rows of ``tensor`` over all processes (row counts may differ)."""
+    strategy = trainer.strategy
+    device = strategy.root_device
+    counts = strategy.all_gather(torch.tensor([len(tensor)], device=device)).flatten().tolist()
+    pad = tensor.new_zeros((max(counts) - len(tensor), *tensor.shape[1:]))
+    gathered = strategy.all_gather(torch.cat([tensor, pad]).to(device)).cpu()
+    return torch.cat([rows[:n] for rows, n in zip(gathered, counts, strict=True)])
