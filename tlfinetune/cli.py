@@ -23,14 +23,21 @@ from lightning.pytorch.cli import (
     LightningCLI,
     SaveConfigCallback,
 )
-from lightning.pytorch.loggers import CSVLogger
 
 from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.module import TransferClassifier
 from tlfinetune.predict import PredictionWriter
-from tlfinetune.runs import AtomicCheckpointIO, find_last_checkpoint, next_free_name, version_of
+from tlfinetune.report import EvaluationReport, LearningCurves
+from tlfinetune.runs import (
+    AtomicCheckpointIO,
+    RunCheckpoint,
+    RunLogger,
+    find_last_checkpoint,
+    next_free_name,
+    version_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +77,7 @@ class TLFinetuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The ``--freeze.*``, ``--checkpoint.*`` and (predict) ``--prediction.*`` groups."""
         parser.add_lightning_class_args(FreezeSchedule, "freeze")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -147,11 +154,14 @@ class TLFinetuneCLI(LightningCLI):
         root = trainer_config.default_root_dir or "runs"
         if self.subcommand == "fit":
             if trainer_config.logger in (None, True):
-                kwargs["logger"] = CSVLogger(root, name="", version=self._resume_version)
+                kwargs["logger"] = RunLogger(root, name="", version=self._resume_version)
             plugins = trainer_config.get("plugins") or []
             plugins = plugins if isinstance(plugins, list) else [plugins]
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+            self._extra_callbacks = [LearningCurves()]  # learning_curves.png in the run folder
         else:
+            # metrics.json, confusion_matrix.png and mistakes.png under default_root_dir
+            self._extra_callbacks = [EvaluationReport(dirpath=str(root))]
             kwargs["logger"] = False
             kwargs["enable_checkpointing"] = False
             self.save_config_callback = None  # validate/test/predict write no config.yaml
@@ -160,6 +170,8 @@ class TLFinetuneCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         if self.subcommand != "fit":  # nothing to checkpoint outside fit
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        if self.subcommand in ("fit", "validate", "test"):
+            callbacks = [*callbacks, *self._extra_callbacks]
         return super()._instantiate_trainer(config, callbacks)
 
     def after_fit(self) -> None:

@@ -193,6 +193,20 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in module.parameters()) - trainable
 
 
+def block_table(pl_module: pl.LightningModule) -> list[dict[str, Any]]:
+    """Per backbone block (and the head): trainable and frozen parameter counts."""
+    name = pl_module.hparams.backbone
+    rows: dict[str, dict[str, Any]] = {}
+    for i, module in enumerate(pl_module.backbone):
+        row = rows.setdefault(block_of(name, i), {"trainable": 0, "frozen": 0})
+        for p in module.parameters():
+            row["trainable" if p.requires_grad else "frozen"] += p.numel()
+    head = rows.setdefault("head", {"trainable": 0, "frozen": 0})
+    for p in pl_module.head.parameters():
+        head["trainable" if p.requires_grad else "frozen"] += p.numel()
+    return [{"part": part, **counts} for part, counts in rows.items()]
+
+
 def describe(pl_module: pl.LightningModule, index: int | None) -> str:
     """One line: what trains and what is frozen, with counts."""
     trainable, frozen = count_parameters(pl_module)

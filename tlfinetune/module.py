@@ -8,10 +8,13 @@ data pipeline, so a checkpoint or an exported model carries it.
 from __future__ import annotations
 
 import logging
+import os
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -279,8 +282,19 @@ class TransferClassifier(pl.LightningModule):
             logits = self(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.label_smoothing)
         metrics.update(logits.detach().float(), y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        n = len(y)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=n,
+        )
+        self.log_dict(
+            metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=n
+        )
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
@@ -309,6 +323,21 @@ class TransferClassifier(pl.LightningModule):
         ckpt = getattr(self.trainer, "checkpoint_callback", None)
         path = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
         return f"The last good checkpoint is {path}." if path else "No checkpoint was saved yet."
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Reseed from (seed, epoch) so a resumed run draws what an uninterrupted one draws.
+
+        Dropout uses the global generators; seeding them at each epoch's first batch makes its
+        stream independent of how many epochs this process has run and of when Lightning
+        created the data iterator (earlier on resume). Only when the run was seeded
+        (``seed_everything`` / ``--seed_everything``).
+        """
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if seed is not None and batch_idx == 0:
+            epoch_seed = (int(seed) * 1_000_003 + self.current_epoch) % 2**32
+            random.seed(epoch_seed)
+            np.random.seed(epoch_seed)
+            torch.manual_seed(epoch_seed)
 
     # --- optimizer -----------------------------------------------------------------------------
 

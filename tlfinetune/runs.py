@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import tempfile
@@ -9,6 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -42,6 +47,51 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         """Checkpoints are plain data: never unpickle code from one (weights_only forced)."""
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``last.ckpt`` is the state at the end of every epoch.
+
+    Lightning 2.6 writes ``last.ckpt`` only in the epochs where the monitored metric made the
+    top k, so after an epoch without improvement ``last.ckpt`` is older than the run and a
+    resume silently repeats epochs. Here it is written at every epoch end.
+    """
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: D102
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: D102
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def _save_last_if_missed(self, trainer: Any) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = trainer.global_step
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Keeps an existing ``metrics.csv`` (Lightning's writer deletes it), for resumed runs."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+
+class RunLogger(CSVLogger):
+    """CSVLogger that continues ``metrics.csv`` when a run is resumed into its own folder."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:  # noqa: D102
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def find_last_checkpoint(root: Path) -> Path | None:
