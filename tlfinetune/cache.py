@@ -89,6 +89,7 @@ class FeatureCache(pl.Callback):
         self._trainer: pl.Trainer | None = None
         self._module: Any = None
         self._loaders: dict[str, Any] = {}
+        self._keys: dict[tuple[str, int], str] = {}
 
     # --- when it is safe ---------------------------------------------------------------------
 
@@ -130,7 +131,7 @@ class FeatureCache(pl.Callback):
             trainer.datamodule.train_dataloader = self._loaders["train"]
             trainer.datamodule.val_dataloader = self._loaders["val"]
             trainer.reload_dataloaders_every_n_epochs = 0
-        self._loaders, self._store, self.active = {}, {}, False
+        self._loaders, self._store, self._keys, self.active = {}, {}, {}, False
 
     # --- serving -----------------------------------------------------------------------------
 
@@ -196,7 +197,10 @@ class FeatureCache(pl.Callback):
     def _features(
         self, split: str, dataset: Any, start: int, original: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        key = self._key(split, dataset, start)
+        # The prefix is frozen for the whole phase, so its key is computed once per phase.
+        if (split, start) not in self._keys:
+            self._keys[(split, start)] = self._key(split, dataset, start)
+        key = self._keys[(split, start)]
         cached = self._store.get(split)
         if cached and cached[0] == key:
             return cached[1], cached[2]
