@@ -9,7 +9,9 @@ checkpoints (best by ``val/acc`` and ``last.ckpt``), ``config.yaml`` and ``metri
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -152,12 +154,14 @@ class TLFinetuneCLI(LightningCLI):
         """Fit logs to a fresh version folder (or the resumed one); the others log nowhere."""
         trainer_config = self.config_init[self.subcommand].trainer
         root = trainer_config.default_root_dir or "runs"
+        check_writable(Path(root))
+        # Checkpoints are written atomically and only ever read with weights_only=True.
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         if self.subcommand == "fit":
             if trainer_config.logger in (None, True):
                 kwargs["logger"] = RunLogger(root, name="", version=self._resume_version)
-            plugins = trainer_config.get("plugins") or []
-            plugins = plugins if isinstance(plugins, list) else [plugins]
-            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
             self._extra_callbacks = [LearningCurves()]  # learning_curves.png in the run folder
         else:
             # metrics.json, confusion_matrix.png and mistakes.png under default_root_dir
@@ -185,6 +189,26 @@ class TLFinetuneCLI(LightningCLI):
             f"\nBest {ckpt.monitor}: {best}\n  best checkpoint: {ckpt.best_model_path or '-'}\n"
             f"  last checkpoint: {ckpt.last_model_path or '-'}\n"
             f"  run folder: {self.trainer.log_dir}"
+        )
+
+
+def check_writable(root: Path, need_mb: int = 200) -> None:
+    """Fail before training when the output folder cannot be written or the disk is full."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x" * 1024)
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"--trainer.default_root_dir {root} cannot be written ({exc.strerror or exc}). "
+            f"Choose a folder you can write to."
+        ) from None
+    free_mb = shutil.disk_usage(root).free / 2**20
+    if free_mb < need_mb:
+        raise ConfigError(
+            f"Only {free_mb:.0f} MB are free on the disk of {root}; checkpoints need about "
+            f"{need_mb} MB or more. Free some space or choose another --trainer.default_root_dir."
         )
 
 

@@ -1,0 +1,72 @@
+"""Guarded runs: NaN losses, unwritable outputs, unsafe checkpoints, interrupted saves."""
+
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import TinyData, trainer
+
+from tlfinetune import TLFinetuneError, TransferClassifier
+from tlfinetune.runs import AtomicCheckpointIO
+
+
+def test_non_finite_loss_stops_training_with_epoch_and_step():
+    model = TransferClassifier(
+        weights="none", num_classes=3, image_size=32,
+        optimizer=partial(torch.optim.SGD, lr=1e12),
+    )  # fmt: skip
+    with pytest.raises(TLFinetuneError) as err:
+        trainer(5).fit(model, TinyData())
+    text = str(err.value)
+    assert "epoch" in text and "step" in text and "learning rate" in text
+
+
+def cli(tmp_path, *args):
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlfinetune", *args], capture_output=True, text=True,
+        cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    return proc.returncode, proc.stderr
+
+
+def test_unwritable_output_folder_fails_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, err = cli(
+        tmp_path, "fit", "--data.root=demo", "--model.weights=none",
+        f"--trainer.default_root_dir={blocker / 'runs'}",
+    )  # fmt: skip
+    assert code == 2 and "cannot be written" in err and "a_file" in err
+    assert "Traceback" not in err
+
+
+def test_checkpoint_with_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload()}}, evil)
+    code, err = cli(tmp_path, "validate", f"--ckpt_path={evil}", "--data.root=demo")
+    assert code == 2 and "evil.ckpt" in err and "refused" in err
+    assert not marker.exists()
+
+
+def test_interrupted_checkpoint_save_keeps_the_previous_file(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise KeyboardInterrupt  # as if the process were interrupted mid-save
+
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"epoch": 2, "x": Boom()}, path)
+    assert io.load_checkpoint(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
