@@ -53,7 +53,7 @@ def fit_args(data: Path, out: Path, *extra):
 
 
 @pytest.mark.slow
-def test_fit_validate_test_predict(tmp_path, capsys):
+def test_fit_validate_test_predict(tmp_path, capsys, caplog):
     data, out = make_folder(tmp_path / "data"), tmp_path / "runs"
     run(*fit_args(data, out, "--freeze.regime=frozen", "--freeze.milestones={1: block5}"))
     version = out / "version_0"
@@ -76,6 +76,15 @@ def test_fit_validate_test_predict(tmp_path, capsys):
         f"--trainer.default_root_dir={tmp_path / 'val'}",
         *FAST,
     )
+    # Next to --ckpt_path, the checkpoint's architecture wins (said so), the user's settings win.
+    caplog.set_level("INFO", logger="tlfinetune")
+    run(
+        "validate", f"--ckpt_path={last}", f"--data.root={data}", "--data.val_split=0.34",
+        "--model.backbone=vgg11", "--model.label_smoothing=0.2",
+        f"--trainer.default_root_dir={tmp_path / 'val'}", *FAST,
+    )  # fmt: skip
+    assert "--model.backbone='vgg11' ignored" in caplog.text
+    assert "--model.label_smoothing: using your 0.2" in caplog.text
     run(
         "test",
         f"--ckpt_path={last}",
@@ -84,6 +93,10 @@ def test_fit_validate_test_predict(tmp_path, capsys):
         f"--trainer.default_root_dir={tmp_path / 'val'}",
         *FAST,
     )
+
+    for name in ("metrics.json", "confusion_matrix.png", "mistakes.png"):
+        assert (tmp_path / "val" / name).is_file(), name
+    assert (version / "learning_curves.png").is_file()
 
     images = tmp_path / "new"
     make_folder(images, classes=("x", "y/deeper"), per_class=2, size=50)
