@@ -90,6 +90,7 @@ class FeatureCache(pl.Callback):
         self._module: Any = None
         self._loaders: dict[str, Any] = {}
         self._keys: dict[tuple[str, int], str] = {}
+        self._worth: dict[int, bool] = {}
 
     # --- when it is safe ---------------------------------------------------------------------
 
@@ -117,8 +118,13 @@ class FeatureCache(pl.Callback):
         if why:
             log.info(f"Feature cache off: {why}.")
             return
-        dm = trainer.datamodule
         self._trainer, self._module = trainer, pl_module
+        # Which freeze phases would be served (the model is still on the CPU here).
+        self._worth = {start: self._pays_off(start) for start in self._phase_starts()}
+        if not any(self._worth.values()):
+            log.info("Feature cache off: no freeze phase has a frozen prefix worth caching.")
+            return
+        dm = trainer.datamodule
         self._loaders = {"train": dm.train_dataloader, "val": dm.val_dataloader}
         # Lightning asks for loaders again every epoch; each call decides: cache or images.
         dm.train_dataloader = lambda: self._loader("train")
@@ -135,18 +141,25 @@ class FeatureCache(pl.Callback):
 
     # --- serving -----------------------------------------------------------------------------
 
-    def _frozen_prefix(self, epoch: int) -> int:
+    def _schedule(self) -> Any:
         from tlfinetune.freeze import FreezeSchedule
 
-        schedule = next(c for c in self._trainer.callbacks if isinstance(c, FreezeSchedule))
-        return schedule.trainable_from(epoch)
+        return next(c for c in self._trainer.callbacks if isinstance(c, FreezeSchedule))
+
+    def _phase_starts(self) -> list[int]:
+        return [start for _, start in self._schedule().resolve(
+            self._module.hparams.backbone, len(self._module.backbone)
+        )]  # fmt: skip
+
+    def _frozen_prefix(self, epoch: int) -> int:
+        return self._schedule().trainable_from(epoch)
 
     def _loader(self, split: str) -> Any:
         trainer, dm = self._trainer, self._trainer.datamodule
         start = self._frozen_prefix(trainer.current_epoch)
         original = self._loaders[split]()
         dataset = dm.train_dataset if split == "train" else dm.val_dataset
-        if start == 0 or not self._pays_off(start, dataset):
+        if not self._worth.get(start, False):
             self.active = False if split == "train" else self.active
             return original
         features, labels = self._features(split, dataset, start, original)
@@ -161,10 +174,13 @@ class FeatureCache(pl.Callback):
             batch_size=None,
         )
 
-    def _pays_off(self, start: int, dataset: Any) -> bool:
-        size = self._module.hparams.image_size
+    def _pays_off(self, start: int) -> bool:
+        if start == 0:
+            return False
+        size = self._module.hparams.image_size or self._trainer.datamodule.image_size
         with torch.no_grad():
-            out = self._module.backbone[:start](torch.zeros(1, 3, size, size))
+            device = next(self._module.backbone.parameters()).device
+            out = self._module.backbone[:start](torch.zeros(1, 3, size, size, device=device))
         return out.numel() < 3 * size * size  # else reading images is cheaper than the cache
 
     # --- building ----------------------------------------------------------------------------

@@ -310,6 +310,9 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         n = len(self.files)
+        if not -n <= index < n:  # iteration stops here, before the wrap-around below
+            raise IndexError(f"index {index} out of range for {n} images")
+        index %= n
         for step in range(n):
             j = (index + step) % n
             try:

@@ -1,0 +1,92 @@
+"""The benchmark runs on a tiny setting and writes its table. No test here asserts a time."""
+
+import math
+
+import pytest
+
+from tlfinetune.bench import bench
+from tlfinetune.cli import main
+
+TINY = {
+    "image_size": 32,
+    "batch_size": 8,
+    "images": 16,
+    "epochs": 2,
+    "num_workers": 0,
+    "bound_seconds": 0.05,
+}
+COLUMNS = (
+    "| setup | regime | first epoch img/s | later epochs img/s | later ÷ first epoch time "
+    "| first ÷ bound | later ÷ bound | vs plain PyTorch (first / later) | feature cache "
+    "| peak RSS MB (start) | total s | load |"
+)
+
+
+def _positive(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_bench_tiny_frozen_with_peers(tmp_path):
+    out = tmp_path / "bench.md"
+    res = bench(**TINY, regimes="frozen", peers="torch,keras", uncached="frozen", output=str(out))
+
+    assert set(res) >= {"config", "command", "machine", "bound", "decode", "rows", "notes"}
+    assert _positive(res["bound"]["channels_last"]) and _positive(res["bound"]["nchw"])
+    assert all(_positive(v) for v in res["decode"].values())
+    assert res["config"]["train_images"] == 16
+
+    rows = {(r["setup"], r["regime"]): r for r in res["rows"]}
+    assert ("tlfinetune", "frozen") in rows
+    assert ("plain PyTorch", "frozen") in rows
+    for row in rows.values():
+        assert [e["images"] for e in row["epochs"]] == [16, 16]
+        assert _positive(row["first_ips"]) and _positive(row["later_ips"])
+        assert _positive(row["peak_rss_mb"]) and _positive(row["total_s"])
+        assert row["cache"] in ("yes", "no", "n/a")
+    off = rows.get(("tlfinetune, cache off", "frozen"))
+    if off is not None:  # the package can switch its feature cache off: it must be off
+        assert off["cache"] in ("no", "n/a")
+    # TensorFlow is not a dependency: without it the Keras peer is skipped with a note.
+    keras_rows = [r for r in res["rows"] if r["setup"].startswith("Keras")]
+    if not keras_rows:
+        assert any("TensorFlow is not installed" in n for n in res["notes"])
+
+    text = out.read_text(encoding="utf-8")
+    assert text == res["markdown"]
+    assert COLUMNS in text
+    assert "no_grad forward bound" in text and "Decode + transform alone" in text
+    table = [line for line in text.splitlines() if line.startswith("| ") and "frozen" in line]
+    assert len(table) == len(res["rows"])
+    assert res["command"].startswith("python -m tlfinetune bench ")
+
+
+@pytest.mark.slow
+def test_bench_command_line(tmp_path, capsys):
+    out = tmp_path / "sub" / "table.md"
+    args = [f"--{k}={v}" for k, v in TINY.items()]
+    main(
+        ["bench", *args, "--regimes=partial", "--peers=none", "--uncached=none", f"--output={out}"]
+    )
+    text = out.read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| tlfinetune | partial |")]
+    assert len(rows) == 1
+    assert not [line for line in text.splitlines() if line.startswith("| plain PyTorch")]
+    assert "| tlfinetune | partial |" in capsys.readouterr().out  # the table is printed too
+
+
+def test_bench_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--image_size", "--batch_size", "--precision", "--regimes", "--peers", "--output"):
+        assert flag in help_text
+
+
+def test_bench_rejects_unknown_regime(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--regimes=frozen,bogus", f"--output={tmp_path / 'x.md'}"])
+    assert exc.value.code == 2
+    assert "bogus" in capsys.readouterr().err
+    assert not (tmp_path / "x.md").exists()
