@@ -183,7 +183,10 @@ def cli_error(tmp_path, *args):
         ),
         (["--data.root=demo", "--model.backbone=resnet9000"], ["resnet9000", "vgg16_bn"]),
         (["--data.root=demo", "--model.weights=nowhere.pth"], ["nowhere.pth"]),
-        (["--data.root=demo", "--model.no_such_key=1"], ["no_such_key"]),
+        (
+            ["--data.root=demo", "--model.head_hiden=1"],
+            ["head_hiden", "did you mean --model.head_hidden"],
+        ),
         (["--data.root=demo", "--freeze.regime=sometimes"], ["sometimes", "frozen"]),
         (["--data.root=demo", "--ckpt_path=last"], ["last.ckpt", "nothing to resume"]),
     ],

@@ -8,6 +8,7 @@ checkpoints (best by ``val/acc`` and ``last.ckpt``), ``config.yaml`` and ``metri
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -71,6 +72,17 @@ class TLFinetuneCLI(LightningCLI):
             trainer_defaults={"default_root_dir": "runs"},
             parser_kwargs={"parser_mode": "yaml"},
         )
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser, with the valid keys named when a key is unknown."""
+        parser = super().init_parser(**kwargs)
+        plain_error = parser.error
+
+        def error(message: str, *args: Any, **kw: Any) -> Any:
+            return plain_error(explain_unknown(message, parser), *args, **kw)
+
+        parser.error = error  # type: ignore[method-assign]
+        return parser
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
         self._building = subcommand
@@ -190,6 +202,31 @@ class TLFinetuneCLI(LightningCLI):
             f"  last checkpoint: {ckpt.last_model_path or '-'}\n"
             f"  run folder: {self.trainer.log_dir}"
         )
+
+
+def explain_unknown(message: str, parser: LightningArgumentParser) -> str:
+    """Add the closest valid keys and the valid keys of that group to 'unrecognized' errors."""
+    unknown = re.findall(r"--([\w.]+)", message) if "nrecognized" in message else []
+    if not unknown:
+        return message
+    try:
+        valid = sorted(parser.get_defaults().keys())
+    except Exception:  # noqa: BLE001 - the explanation is a courtesy; never hide the error
+        return message
+    if not valid:
+        return message
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        group = key.split(".")[0] + "."
+        same = list(dict.fromkeys(k.split(".")[1] for k in valid if k.startswith(group)))
+        hint = f"--{key}: " + (
+            f"did you mean {', '.join('--' + c for c in close)}? " if close else ""
+        )
+        if same:
+            hint += f"valid keys of --{group[:-1]}: {', '.join(same)}"
+        hints.append(hint)
+    return message + "\n" + "\n".join(hints)
 
 
 def check_writable(root: Path, need_mb: int = 200) -> None:
