@@ -156,3 +156,21 @@ def test_load_from_checkpoint_gives_identical_predictions(tmp_path):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     assert loaded.hparams.class_names == ["c0", "c1", "c2"]
     assert loaded.hparams.weights == "none"
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_normalisation_is_the_weights_preset(channels_last):
+    """uint8 or [0, 1] float in; (x - ImageNet mean) / std out, as torchvision's preset does."""
+    model = TransferClassifier(
+        num_classes=2, weights="none", image_size=32, channels_last=channels_last
+    )
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    preset = torchvision.models.VGG16_Weights.IMAGENET1K_V1.transforms()
+    mean, std = (
+        torch.tensor(preset.mean).view(1, 3, 1, 1),
+        torch.tensor(preset.std).view(1, 3, 1, 1),
+    )
+    expected = (x.float() / 255 - mean) / std
+    torch.testing.assert_close(model.normalize(x), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.normalize(x.float() / 255), expected, rtol=0, atol=1e-6)
+    assert model.normalize(x).is_contiguous(memory_format=torch.channels_last) == channels_last
