@@ -70,3 +70,14 @@ def test_interrupted_checkpoint_save_keeps_the_previous_file(tmp_path):
         io.save_checkpoint({"epoch": 2, "x": Boom()}, path)
     assert io.load_checkpoint(path) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_full_disk_fails_before_training(tmp_path, monkeypatch):
+    import shutil
+
+    from tlfinetune.cli import check_writable
+    from tlfinetune.errors import ConfigError
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 9, 2**20))
+    with pytest.raises(ConfigError, match=r"Only 1 MB are free.*runs"):
+        check_writable(tmp_path / "runs")
