@@ -281,7 +281,7 @@ def main(args: ArgsType = None) -> None:
 
             importlib.import_module(f"tlfinetune.{argv[0]}").main(argv[1:])
         else:
-            TLFinetuneCLI(args=argv)
+            TLFinetuneCLI(args=None if args is None else argv)  # None: Lightning reads sys.argv
     except TLFinetuneError as exc:
         sys.stderr.write(f"error: {plain_message(exc)}\n")
         raise SystemExit(2) from None
