@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from tlfinetune.errors import ConfigError
+from tlfinetune.freeze import count_parameters
 
 REGIMES = ("frozen", "partial", "full")
 COLUMNS = (
@@ -70,8 +71,7 @@ class RegimeStats(pl.Callback):
         """Write the row for this regime (rank 0 only)."""
         if not trainer.is_global_zero:
             return
-        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in pl_module.parameters())
+        trainable, frozen = count_parameters(pl_module)
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
         else:  # ru_maxrss is in KiB on Linux: the whole process, Python and torch included
@@ -79,7 +79,7 @@ class RegimeStats(pl.Callback):
         row = {
             "regime": self.regime,
             "trainable_params": trainable,
-            "frozen_params": total - trainable,
+            "frozen_params": frozen,
             "epochs": len(self.seconds),
             "seconds_per_epoch": round(sum(self.seconds) / max(len(self.seconds), 1), 2),
             "peak_memory_mb": round(peak, 1),

@@ -25,14 +25,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from tlfinetune import backbone as bb
 from tlfinetune.cache import CachedBatch, FeatureCache
+from tlfinetune.data import IMAGENET_MEAN, IMAGENET_STD
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.head import HeadFactory, HeadName, flatten_head, gap_head, torchvision_head
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class TransferClassifier(pl.LightningModule):

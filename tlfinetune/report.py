@@ -41,7 +41,7 @@ from torchmetrics.classification import (
 
 from tlfinetune.backbone import block_of
 from tlfinetune.errors import ConfigError, DataError
-from tlfinetune.freeze import FreezeSchedule
+from tlfinetune.freeze import FreezeSchedule, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -348,10 +348,6 @@ def plot_learning_curves(
 # --- callbacks ---------------------------------------------------------------------------------
 
 
-def _trainable_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 class LearningCurves(pl.Callback):
     """Record loss and accuracy per epoch during ``fit``; draw ``learning_curves.png`` at the end.
 
@@ -398,7 +394,7 @@ class LearningCurves(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record ``train/loss``, ``train/acc`` and the trainable parameter count."""
         entry = self._record(trainer, "train/")
-        entry["trainable_params"] = _trainable_parameters(pl_module)
+        entry["trainable_params"] = count_parameters(pl_module)[0]
         before = [h.get("trainable_params") for h in self.history if h["epoch"] < entry["epoch"]]
         if before and before[-1] is not None and entry["trainable_params"] > before[-1]:
             self.milestones[entry["epoch"]] = self._label(trainer, pl_module, entry["epoch"])
