@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from tiny import TinyData, trainer
 
 from tlfinetune import TLFinetuneError, TransferClassifier
@@ -22,6 +23,23 @@ def test_non_finite_loss_stops_training_with_epoch_and_step():
         trainer(5).fit(model, TinyData())
     text = str(err.value)
     assert "epoch" in text and "step" in text and "learning rate" in text
+
+
+def test_deferred_non_finite_check_names_first_bad_step_and_saves_no_checkpoint(tmp_path):
+    # On a GPU the loss is read back only every N steps (no per-step sync); what happens
+    # between checks must still stop the run before a checkpoint holds NaN weights.
+    model = TransferClassifier(
+        weights="none", num_classes=3, image_size=32,
+        optimizer=partial(torch.optim.SGD, lr=1e12),
+    )  # fmt: skip
+    model.nonfinite_check_every = 1000  # only the epoch-end / checkpoint checks remain
+    every_step = ModelCheckpoint(tmp_path, every_n_train_steps=1, save_top_k=-1)
+    run = trainer(5, callbacks=[every_step], enable_checkpointing=True)
+    with pytest.raises(TLFinetuneError, match=r"at epoch 0, step [0-2] \(batch [0-2]\)"):
+        run.fit(model, TinyData())  # 3 steps per epoch: the first bad one is in epoch 0
+    for path in tmp_path.glob("*.ckpt"):
+        weights = torch.load(path, weights_only=True)["state_dict"].values()
+        assert all(torch.isfinite(w).all() for w in weights), path
 
 
 def cli(tmp_path, *args):

@@ -98,6 +98,7 @@ class TransferClassifier(pl.LightningModule):
             )
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        self._nonfinite: torch.Tensor | None = None  # (loss, step, batch) of the first bad step
         self.head_spec = head
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -302,14 +303,53 @@ class TransferClassifier(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
         loss = self._shared_step(batch, self.train_metrics, "train")
-        if not torch.isfinite(loss):
-            raise TLFinetuneError(
-                f"The training loss became {loss.item()} at epoch {self.current_epoch}, step "
-                f"{self.global_step} (batch {batch_idx}). Training stopped instead of going on "
-                f"with NaNs; lower the learning rate (--model.optimizer.lr) or check the data. "
-                f"{self._last_checkpoint_hint()}"
-            )
+        self._guard_finite(loss, batch_idx)
         return loss
+
+    nonfinite_check_every: int | None = None
+    """Training steps between checks of the loss for NaN/inf; ``None``: every step on a CPU,
+    every 50 on accelerators. Reading a value back from a GPU waits for every queued kernel, so
+    checking each step would leave it idle while Python prepares the next step. Between checks
+    the first bad step is recorded on the device; it is also read at the end of each epoch and
+    before any checkpoint is written, so no checkpoint ever holds weights trained on NaNs."""
+
+    def _guard_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        every = self.nonfinite_check_every or (1 if loss.device.type == "cpu" else 50)
+        # Built on the device from scalars: a host tensor copied over would wait for the GPU.
+        record = torch.stack(
+            [loss.detach().float()]
+            + [torch.full((), float(v), device=loss.device) for v in (self.global_step, batch_idx)]
+        )
+        first = self._nonfinite
+        if first is None:
+            first = torch.full((3,), float("nan"), device=loss.device)
+        # Keep the first bad step: take this one only while none is recorded (step still nan).
+        bad = ~torch.isfinite(record[0]) & first[1].isnan()
+        self._nonfinite = torch.where(bad, record, first)
+        if (self.global_step + 1) % every == 0:
+            self._check_nonfinite()
+
+    def _check_nonfinite(self) -> None:
+        record = self._nonfinite
+        if record is None:
+            return
+        value, step, batch_idx = record.tolist()
+        if step == step:  # not nan: a step was recorded
+            self._stop_nonfinite(value, int(step), int(batch_idx))
+
+    def _stop_nonfinite(self, value: float, step: int, batch_idx: int) -> None:
+        raise TLFinetuneError(
+            f"The training loss became {value} at epoch {self.current_epoch}, step {step} "
+            f"(batch {batch_idx}). Training stopped instead of going on with NaNs; lower the "
+            f"learning rate (--model.optimizer.lr) or check the data. "
+            f"{self._last_checkpoint_hint()}"
+        )
+
+    def on_train_start(self) -> None:  # noqa: D102
+        self._nonfinite = None
+
+    def on_train_epoch_end(self) -> None:  # noqa: D102
+        self._check_nonfinite()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
         self._shared_step(batch, self.val_metrics, "val")
@@ -375,6 +415,7 @@ class TransferClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The checkpoint carries its own weights: loading it must not fetch ImageNet again."""
+        self._check_nonfinite()  # a checkpoint must never hold weights trained on NaNs
         hparams = dict(checkpoint.get("hyper_parameters", {}))
         if "weights" in hparams:
             hparams["weights"] = "none"
@@ -384,12 +425,15 @@ class TransferClassifier(pl.LightningModule):
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
     # average="micro" is plain top-1 accuracy, as Keras' "accuracy"; torchmetrics defaults to macro.
+    # validate_args=False: the checks run torch.unique, which waits for the GPU at every step;
+    # labels out of range already fail in the loss.
+    fast = {"validate_args": False}
     metrics: dict[str, Any] = {
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
+        "acc": MulticlassAccuracy(num_classes, average="micro", **fast),
+        "f1": MulticlassF1Score(num_classes, average="macro", **fast),
     }
     if num_classes > 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", **fast)
     return MetricCollection(metrics, prefix=prefix)
 
 
