@@ -57,11 +57,12 @@ from PIL import Image
 from torch import nn
 
 from tlfinetune import backbone as bb
-from tlfinetune.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataModule
+from tlfinetune.data import ImageDataModule
 from tlfinetune.demo import DEMO_CLASSES, render_demo_image
 from tlfinetune.errors import ConfigError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.module import TransferClassifier
+from tlfinetune.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["EpochTimer", "Result", "bench", "main", "markdown", "torch_peer"]
 

@@ -1,4 +1,4 @@
-"""The data layer: image sources, transforms and the :class:`ImageDataModule`.
+"""The data layer: the :class:`ImageDataModule` that turns an image source into Lightning loaders.
 
 Batches are ``(images, labels)`` with ``images`` a ``torch.uint8`` tensor of shape
 ``(B, 3, image_size, image_size)`` (RGB, *not* normalised: the model converts to float and
@@ -20,16 +20,23 @@ Sources (exactly one of them):
 Bad input (missing folders, empty classes, unreadable or truncated images, decompression bombs,
 unknown labels, missing files named by a CSV) raises :class:`~tlfinetune.errors.DataError` with a
 message that names the culprit; see :class:`ImageDataModule` for ``skip_bad_images``.
+
+The pieces the datamodule is built from live in their own modules; the public names are
+re-exported here, so ``from tlfinetune.data import ...`` keeps working:
+
+* :mod:`tlfinetune.transforms`: :data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`,
+  :func:`eval_resize_size`, :func:`eval_transform` and :func:`train_transform`.
+* :mod:`tlfinetune.sampling`: :class:`EpochShuffleSampler` and :func:`stratified_split`.
+* :mod:`tlfinetune.datasets`: :class:`ImageFileDataset`, :class:`ArrayDataset` and
+  :class:`IndexedDataset`.
+* :mod:`tlfinetune.sources`: reading class folders, CSV files and arrays into labelled splits.
 """
 
-import csv
 import logging
-import math
 import os
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +44,29 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import InterpolationMode, v2
-from torchvision.transforms.v2 import functional as TF
 
+from tlfinetune.datasets import ArrayDataset, ImageFileDataset, IndexedDataset, _append_lines
 from tlfinetune.demo import ensure_demo_dataset
 from tlfinetune.errors import DataError
-from tlfinetune.images import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    IMAGE_EXTENSIONS,
-    is_hidden,
-    is_image_file,
-    list_images,
-    load_rgb,
-    probe_image,
+from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, list_images, probe_image
+from tlfinetune.sampling import EpochShuffleSampler, stratified_split
+from tlfinetune.sources import (
+    _LIST_IN_MESSAGE,
+    _images_to_tensor,
+    _Index,
+    _labels_to_ints,
+    _natural_class_order,
+    _read_csv,
+    _scan_class_folders,
+    _Split,
+    _visible_dirs,
+)
+from tlfinetune.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_resize_size,
+    eval_transform,
+    train_transform,
 )
 
 __all__ = [
@@ -69,152 +86,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-"""Per-channel mean of ImageNet RGB images in ``[0, 1]`` (torchvision's VGG preset)."""
-
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-"""Per-channel standard deviation of ImageNet RGB images in ``[0, 1]``."""
-
 _VAL_FOLDER_NAMES = ("val", "valid", "validation")
 _SCAN_THREADS_FROM = 256  # header-scan this many files or more on a thread pool
-_LIST_IN_MESSAGE = 5  # name at most this many culprits in one message
 
 
 # --------------------------------------------------------------------------------------------
-# Transforms
-
-
-def eval_resize_size(image_size: int) -> int:
-    """Shorter-side resize before the centre crop: ``round(image_size * 256 / 224)``."""
-    return round(image_size * 256 / 224)
-
-
-def eval_transform(image_size: int) -> v2.Compose:
-    """The deterministic evaluation transform, following torchvision's ``VGG16_Weights`` preset.
-
-    Resizes the shorter side to :func:`eval_resize_size` (bilinear, antialiased) and centre-crops
-    ``image_size``. Takes a uint8 CHW tensor (or a PIL image) and returns a plain uint8 tensor of
-    shape ``(3, image_size, image_size)``; it does not normalise.
-
-    Args:
-        image_size: Side length of the square output.
-
-    Returns:
-        The transform.
-    """
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(
-                eval_resize_size(image_size),
-                interpolation=InterpolationMode.BILINEAR,
-                antialias=True,
-            ),
-            v2.CenterCrop(image_size),
-            v2.ToPureTensor(),
-        ]
-    )
-
-
-def train_transform(
-    image_size: int, augment: bool = True, trivial_augment: bool = False
-) -> v2.Compose:
-    """The training transform: random resized crop and horizontal flip on uint8 tensors.
-
-    Args:
-        image_size: Side length of the square output.
-        augment: ``False`` returns :func:`eval_transform` (deterministic, no augmentation).
-        trivial_augment: Add ``TrivialAugmentWide`` after the flip (ignored without ``augment``).
-
-    Returns:
-        The transform; outputs plain uint8 tensors of shape ``(3, image_size, image_size)``.
-    """
-    if not augment:
-        return eval_transform(image_size)
-    steps: list[Any] = [
-        v2.ToImage(),
-        v2.RandomResizedCrop(image_size, antialias=True),
-        v2.RandomHorizontalFlip(),
-    ]
-    if trivial_augment:
-        steps.append(v2.TrivialAugmentWide())
-    steps.append(v2.ToPureTensor())
-    return v2.Compose(steps)
-
-
-# --------------------------------------------------------------------------------------------
-# Sampling and splitting
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A random order of ``range(num_samples)`` that depends only on ``(seed, epoch)``.
-
-    Unlike ``shuffle=True`` (whose order depends on how many epochs this process has already
-    drawn from the global generator), resuming at epoch ``e`` reproduces exactly the order an
-    uninterrupted run used at epoch ``e``. Lightning calls :meth:`set_epoch` at the start of every
-    epoch, also through its distributed sampler wrapper; the order is fixed when iteration starts.
-
-    Args:
-        num_samples: Size of the dataset.
-        seed: Seed of the shuffling.
-    """
-
-    def __init__(self, num_samples: int, seed: int = 0) -> None:
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the order of epoch ``epoch`` for the next iteration."""
-        self.epoch = int(epoch)
-
-    def permutation(self, epoch: int | None = None) -> list[int]:
-        """The order of epoch ``epoch`` (default: the current one)."""
-        e = self.epoch if epoch is None else int(epoch)
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, abs(self.seed) >> 32, e])
-        return rng.permutation(self.num_samples).tolist()
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.permutation())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def stratified_split(
-    labels: Sequence[int], val_split: float, seed: int = 0
-) -> tuple[list[int], list[int]]:
-    """Splits sample positions into train and validation positions, class by class.
-
-    Each class ``c`` with ``n >= 2`` samples gives ``round(n * val_split)`` of them (at least one,
-    at most ``n - 1``) to validation, chosen by a random stream seeded by ``(seed, c)``; a class
-    with a single sample stays in train. So a class's split does not change when other classes
-    gain or lose samples, and the same inputs always give the same split.
-
-    Args:
-        labels: The label of each sample, in sample order.
-        val_split: Fraction of each class that goes to validation, in ``(0, 1)``.
-        seed: Seed of the split.
-
-    Returns:
-        Sorted train positions and sorted validation positions (disjoint; together all).
-    """
-    if not 0.0 < val_split < 1.0:
-        raise DataError(
-            f"val_split must be a fraction between 0 and 1 (exclusive), got {val_split}."
-        )
-    labels_arr = np.asarray(labels, dtype=np.int64)
-    train: list[int] = []
-    val: list[int] = []
-    for c in np.unique(labels_arr):
-        members = np.flatnonzero(labels_arr == c)
-        n = len(members)
-        n_val = 0 if n < 2 else min(n - 1, max(1, math.floor(n * val_split + 0.5)))
-        rng = np.random.default_rng([seed & 0xFFFFFFFF, abs(seed) >> 32, int(c)])
-        chosen = rng.permutation(n)
-        val.extend(members[chosen[:n_val]].tolist())
-        train.extend(members[chosen[n_val:]].tolist())
-    return sorted(train), sorted(val)
+# Loader settings (here rather than in a module of their own: only the datamodule's loaders
+# use them)
 
 
 def default_num_workers(processes_per_node: int = 1) -> int:
@@ -232,329 +110,6 @@ def default_num_workers(processes_per_node: int = 1) -> int:
         cpus = os.cpu_count() or 1
     per_process = cpus // max(1, processes_per_node)
     return 0 if per_process <= 1 else min(4, per_process - 1)
-
-
-# --------------------------------------------------------------------------------------------
-# Datasets
-
-
-def _append_lines(path: Path, lines: Sequence[str]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-    except OSError as exc:  # reporting must not stop training
-        log.warning("Could not write the list of bad images to %s: %s", path, exc)
-
-
-class ImageFileDataset(Dataset):
-    """Images read from files: items are ``(uint8 tensor (3, S, S), label)``.
-
-    A decode failure raises :class:`~tlfinetune.errors.DataError` naming the file (inside a
-    DataLoader worker, PyTorch re-raises it in the main process as a ``DataError`` whose message
-    carries the worker's traceback, file name included). With ``skip_bad_images`` the failure is
-    logged once per process, the file is appended to ``bad_images_log``, and the next readable
-    sample (``index + 1``, ``index + 2``, ... wrapping around) is returned instead so that batches
-    keep their size; with ``substitute_blank`` (used for prediction, where each index must stay
-    the file it names) a black image is returned instead.
-
-    Args:
-        files: Image files.
-        labels: Label of each file (``-1`` when unlabelled).
-        transform: Applied to the decoded uint8 CHW tensor.
-        image_size: Output side length; used to decode large JPEGs at reduced size.
-        max_image_pixels: Decompression-bomb limit (``None``: no limit).
-        skip_bad_images: Substitute for images that fail to decode instead of raising.
-        bad_images_log: File to which paths of images that failed to decode are appended.
-        substitute_blank: With ``skip_bad_images``, return a black image instead of another one.
-    """
-
-    def __init__(
-        self,
-        files: Sequence[Path],
-        labels: Sequence[int],
-        transform: Callable[[torch.Tensor], torch.Tensor],
-        *,
-        image_size: int,
-        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-        skip_bad_images: bool = False,
-        bad_images_log: Path | None = None,
-        substitute_blank: bool = False,
-    ) -> None:
-        if len(files) != len(labels):
-            raise ValueError("files and labels differ in length")
-        self.files = list(files)
-        self.labels = [int(x) for x in labels]
-        self.transform = transform
-        self.image_size = image_size
-        self.max_image_pixels = max_image_pixels
-        self.skip_bad_images = skip_bad_images
-        self.bad_images_log = bad_images_log
-        self.substitute_blank = substitute_blank
-        self._reported: set[Path] = set()
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def _load(self, i: int) -> torch.Tensor:
-        img = load_rgb(self.files[i], self.image_size, max_image_pixels=self.max_image_pixels)
-        return TF.pil_to_tensor(img)
-
-    def _report(self, path: Path, exc: DataError) -> None:
-        if path in self._reported:
-            return
-        self._reported.add(path)
-        log.warning("Skipping an image that cannot be decoded (skip_bad_images): %s", exc)
-        if self.bad_images_log is not None:
-            _append_lines(self.bad_images_log, [str(path)])
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        n = len(self.files)
-        if not -n <= index < n:  # iteration stops here, before the wrap-around below
-            raise IndexError(f"index {index} out of range for {n} images")
-        index %= n
-        for step in range(n):
-            j = (index + step) % n
-            try:
-                pixels = self._load(j)
-            except DataError as exc:
-                if not self.skip_bad_images:
-                    raise
-                self._report(self.files[j], exc)
-                if self.substitute_blank:
-                    blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
-                    return blank, self.labels[index]
-                continue
-            return self.transform(pixels), self.labels[j]
-        raise DataError(
-            f"None of the {n} images of this dataset (the first is {self.files[0]}) can be "
-            "decoded. Check the files, e.g. open a few in an image viewer."
-        )
-
-
-class ArrayDataset(Dataset):
-    """In-memory images: items are ``(uint8 tensor (3, S, S), label)``.
-
-    Args:
-        images: uint8 tensor of shape ``(N, 3, H, W)``.
-        labels: Label of each image.
-        transform: Applied to each uint8 CHW image.
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: Sequence[int],
-        transform: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError("images must be a uint8 tensor of shape (N, 3, H, W)")
-        if len(images) != len(labels):
-            raise ValueError("images and labels differ in length")
-        self.images = images
-        self.labels = [int(x) for x in labels]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[index]), self.labels[index]
-
-
-class IndexedDataset(Dataset):
-    """Wraps a labelled dataset for prediction: items are ``(image, index)``."""
-
-    def __init__(self, base: Dataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.base[index][0], index
-
-
-# --------------------------------------------------------------------------------------------
-# Sources
-
-
-@dataclass
-class _Split:
-    """One split of a source, before it becomes a Dataset."""
-
-    origin: str  # human description for messages ("folder /x/train", "CSV /x/a.csv")
-    labels: list[int]
-    files: list[Path] | None = None  # file sources
-    rows: list[str] | None = None  # "CSV a.csv row 3 (line 4)" per file, for CSV sources
-    images: torch.Tensor | None = None  # array sources: uint8 NCHW
-    scanned: bool = False
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, positions: Sequence[int], origin: str | None = None) -> "_Split":
-        pos = list(positions)
-        return replace(
-            self,
-            origin=origin or self.origin,
-            labels=[self.labels[i] for i in pos],
-            files=None if self.files is None else [self.files[i] for i in pos],
-            rows=None if self.rows is None else [self.rows[i] for i in pos],
-            images=None if self.images is None else self.images[pos],
-        )
-
-
-@dataclass
-class _Index:
-    class_names: list[str]
-    splits: dict[str, _Split]  # "train", "val" and maybe "test"
-    description: str
-
-
-def _visible_dirs(folder: Path) -> list[Path]:
-    try:
-        entries = sorted(folder.iterdir(), key=lambda p: p.name)
-    except OSError as exc:
-        raise DataError(f"Cannot list the data folder {folder} ({exc}).") from exc
-    return [p for p in entries if p.is_dir() and not is_hidden(p.name)]
-
-
-def _loose_images(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.is_file() and is_image_file(p.name)]
-
-
-def _scan_class_folders(folder: Path, role: str) -> dict[str, list[Path]]:
-    """Maps each class folder name under ``folder`` to its images (recursively, sorted)."""
-    class_dirs = _visible_dirs(folder)
-    if not class_dirs:
-        loose = _loose_images(folder)
-        hint = (
-            f" It holds {len(loose)} images directly (e.g. {loose[0].name}); move them into one "
-            "sub-folder per class."
-            if loose
-            else ""
-        )
-        raise DataError(
-            f"The {role} folder {folder} has no class folders.{hint} Expected ImageFolder layout: "
-            f"{folder}/<class name>/<image files>, one sub-folder per class (hidden folders "
-            "such as .ipynb_checkpoints do not count)."
-        )
-    classes = {d.name: list_images(d) for d in class_dirs}
-    empty = [name for name, files in classes.items() if not files]
-    if len(empty) == len(classes):
-        raise DataError(
-            f"The {role} folder {folder} has class folders ({', '.join(list(classes)[:5])}"
-            f"{', ...' if len(classes) > 5 else ''}) but no images in any of them. Image files "
-            f"need one of the extensions {', '.join(sorted(IMAGE_EXTENSIONS)[:12])}, ...; "
-            "other files are ignored."
-        )
-    if empty:
-        shown = ", ".join(str(folder / name) for name in empty[:_LIST_IN_MESSAGE])
-        more = f" and {len(empty) - _LIST_IN_MESSAGE} more" if len(empty) > _LIST_IN_MESSAGE else ""
-        raise DataError(
-            f"Class folder {shown}{more} has no images (image extensions are "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...). Add images to it, or remove the "
-            "folder if it is not a class."
-        )
-    loose = _loose_images(folder)
-    if loose:
-        log.warning(
-            "Ignoring %d images directly in %s (e.g. %s): images must be inside a class folder.",
-            len(loose),
-            folder,
-            loose[0].name,
-        )
-    return classes
-
-
-def _natural_class_order(names: Sequence[str]) -> list[str]:
-    """Sorted class names; numerically when every name is an integer ("2" before "10")."""
-    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
-        return sorted(names, key=int)
-    return sorted(names)
-
-
-def _as_numpy(x: Any, what: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        return x.numpy()
-    try:
-        return np.asarray(x)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{what} is not an array or tensor ({type(x).__name__}).") from exc
-
-
-def _images_to_tensor(x: Any, what: str) -> torch.Tensor:
-    """NHWC / NHW images (uint8, ints, floats, bools) to a uint8 NCHW tensor."""
-    a = _as_numpy(x, what)
-    if a.ndim == 3:
-        a = a[..., None]
-    if a.ndim != 4 or a.shape[-1] not in (1, 3, 4):
-        hint = (
-            " It looks channels-first (NCHW); permute it to NHWC, e.g. x.permute(0, 2, 3, 1)."
-            if a.ndim == 4 and a.shape[1] in (1, 3, 4)
-            else ""
-        )
-        raise DataError(
-            f"{what} has shape {tuple(a.shape)}; expected (N, H, W, C) with C = 1, 3 or 4 "
-            f"(Keras' NHWC layout) or (N, H, W) for grayscale.{hint}"
-        )
-    if a.shape[0] == 0:
-        raise DataError(f"{what} is empty (0 images).")
-    if a.dtype == np.bool_:
-        a = a.astype(np.uint8) * 255
-    elif a.dtype != np.uint8:
-        if not np.issubdtype(a.dtype, np.number):
-            raise DataError(f"{what} has dtype {a.dtype}; expected uint8, integer or float.")
-        af = a.astype(np.float64)
-        if not np.isfinite(af).all():
-            raise DataError(f"{what} contains NaN or infinite values.")
-        lo, hi = float(af.min()), float(af.max())
-        if lo < 0 or hi > 255:
-            raise DataError(
-                f"{what} has values in [{lo:g}, {hi:g}]; expected [0, 1] or [0, 255] (undo any "
-                "normalisation: the model normalises itself)."
-            )
-        scale = 255.0 if np.issubdtype(a.dtype, np.floating) and hi <= 1.0 else 1.0
-        a = np.clip(np.rint(af * scale), 0, 255).astype(np.uint8)
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    elif a.shape[-1] == 4:  # composite onto white, like images.to_rgb
-        alpha = a[..., 3:4].astype(np.float32) / 255.0
-        rgb = a[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-        a = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()
-
-
-def _labels_to_ints(y: Any, n: int, what: str) -> tuple[np.ndarray, int | None]:
-    """Integer labels (or one-hot rows, reduced by argmax) and the one-hot width if any."""
-    a = _as_numpy(y, what)
-    width = None
-    if a.ndim == 2 and a.shape[1] == 1:
-        a = a[:, 0]
-    elif a.ndim == 2:
-        width = int(a.shape[1])
-        if width < 2:
-            raise DataError(f"{what} is one-hot with width {width}; need at least 2 classes.")
-        a = np.argmax(a, axis=1)
-    if a.ndim != 1:
-        raise DataError(
-            f"{what} has shape {tuple(a.shape)}; expected (N,) integer labels or (N, classes) "
-            "one-hot rows."
-        )
-    if len(a) != n:
-        raise DataError(f"{what} has {len(a)} labels but there are {n} images.")
-    if not np.issubdtype(a.dtype, np.integer) and (
-        not np.issubdtype(a.dtype, np.number) or not np.all(np.equal(np.mod(a, 1), 0))
-    ):
-        raise DataError(f"{what} must hold whole-number class indices, got dtype {a.dtype}.")
-    a = a.astype(np.int64)
-    if len(a) and a.min() < 0:
-        raise DataError(f"{what} has a negative label ({int(a.min())}); labels start at 0.")
-    return a, width
 
 
 # --------------------------------------------------------------------------------------------
@@ -908,55 +463,10 @@ class ImageDataModule(pl.LightningDataModule):
             class_names, splits, "demo dataset " + str(root) if demo else f"folder {root}"
         )
 
-    def _read_csv(self, csv_path: Path, role: str) -> tuple[list[Path], list[str], list[str]]:
-        if not csv_path.is_file():
-            raise DataError(
-                f"The {role} CSV file {csv_path} does not exist (data.{role}_csv); check the path."
-            )
-        files: list[Path] = []
-        labels: list[str] = []
-        rows: list[str] = []
-        base = csv_path.parent
-        try:
-            with open(csv_path, newline="", encoding="utf-8-sig") as f:
-                reader = csv.reader(f)
-                header = next(reader, None)
-                names = [h.strip().lower() for h in header] if header else []
-                if "path" not in names or "label" not in names:
-                    raise DataError(
-                        f"The CSV file {csv_path} must start with a header row naming the "
-                        f"columns path and label (found {header!r}); add the line "
-                        "'path,label' at the top."
-                    )
-                ip, il = names.index("path"), names.index("label")
-                for row_no, row in enumerate(reader, start=1):
-                    where = f"CSV file {csv_path} row {row_no} (line {reader.line_num})"
-                    if not row or all(not c.strip() for c in row):
-                        continue
-                    if len(row) <= max(ip, il):
-                        raise DataError(f"{where} has {len(row)} columns; expected path,label.")
-                    path_s, label = row[ip].strip(), row[il].strip()
-                    if not path_s or not label:
-                        raise DataError(
-                            f"{where} has an empty {'path' if not path_s else 'label'}; every "
-                            "row needs both."
-                        )
-                    p = Path(path_s).expanduser()
-                    files.append(p if p.is_absolute() else base / p)
-                    labels.append(label)
-                    rows.append(where)
-        except UnicodeDecodeError as exc:
-            raise DataError(f"The CSV file {csv_path} is not UTF-8 text ({exc}).") from exc
-        except csv.Error as exc:
-            raise DataError(f"The CSV file {csv_path} is malformed ({exc}).") from exc
-        if not files:
-            raise DataError(f"The {role} CSV file {csv_path} lists no images.")
-        return files, labels, rows
-
     def _index_csv(self) -> _Index:
         assert self.train_csv is not None
         train_csv = Path(self.train_csv).expanduser()
-        files, names, rows = self._read_csv(train_csv, "train")
+        files, names, rows = _read_csv(train_csv, "train")
         class_names = _natural_class_order(sorted(set(names)))
         if len(class_names) < 2:
             raise DataError(
@@ -969,7 +479,7 @@ class ImageDataModule(pl.LightningDataModule):
             if value is None:
                 continue
             path = Path(value).expanduser()
-            files, names, rows = self._read_csv(path, role)
+            files, names, rows = _read_csv(path, role)
             unknown = [(r, n) for r, n in zip(rows, names, strict=True) if n not in lookup]
             if unknown:
                 row, label = unknown[0]

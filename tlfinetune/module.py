@@ -25,10 +25,10 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from tlfinetune import backbone as bb
 from tlfinetune.cache import CachedBatch, FeatureCache
-from tlfinetune.data import IMAGENET_MEAN, IMAGENET_STD
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.head import HeadFactory, HeadName, flatten_head, gap_head, torchvision_head
+from tlfinetune.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
