@@ -201,7 +201,7 @@ class FeatureCache(pl.Callback):
         ):
             h.update(repr(part).encode())
         for p in module.backbone[:start].state_dict().values():
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(memoryview(p.detach().cpu().contiguous().view(torch.uint8).numpy()))
         for name in ("files", "images", "labels"):  # what the dataset is made of
             value = getattr(dataset, name, None)
             if isinstance(value, torch.Tensor):
