@@ -1,5 +1,6 @@
 """FeatureCache: same results as training through the images, invalidated when it must be."""
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from tiny import tiny_tensors, trainer
@@ -8,7 +9,7 @@ from tlfinetune import FreezeSchedule, ImageDataModule, TransferClassifier
 from tlfinetune.cache import FeatureCache
 
 
-def data(augment=False, n=40, seed=0):
+def data(augment=False, n=40, seed=0, num_workers=0):
     x, y = tiny_tensors(n=n, size=32, num_classes=3, seed=seed)
     images = x.permute(0, 2, 3, 1).contiguous()  # NHWC, as a Keras user has them
     return ImageDataModule.from_arrays(
@@ -19,7 +20,7 @@ def data(augment=False, n=40, seed=0):
         image_size=32,
         batch_size=8,
         augment=augment,
-        num_workers=0,
+        num_workers=num_workers,
         seed=3,
     )
 
@@ -43,6 +44,28 @@ def test_frozen_regime_cached_equals_uncached():
     plain, off = fit(False, FreezeSchedule(regime="frozen"))
     assert store.builds == 2 and off.builds == 0  # train + val, computed once for 3 epochs
     assert_same_weights(cached, plain)
+
+
+class ActivePerEpoch(pl.Callback):
+    def __init__(self, store):
+        self.store, self.seen = store, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seen.append(self.store.active)
+
+
+def test_first_epoch_trains_through_images_and_fills_the_cache_on_the_way():
+    # Worker prefetching and Lightning's sanity-check batches must not confuse which dataset
+    # positions a batch holds, nor leave a partial cache behind.
+    torch.manual_seed(0)
+    model = TransferClassifier(weights="none")
+    store = FeatureCache()
+    epochs = ActivePerEpoch(store)
+    t = trainer(3, callbacks=[FreezeSchedule(), store, epochs], num_sanity_val_steps=2)
+    t.fit(model, data(num_workers=2))
+    plain, _ = fit(False, FreezeSchedule(), epochs=3)
+    assert epochs.seen == [False, True, True] and store.builds == 2
+    assert_same_weights(model, plain)
 
 
 def test_partial_regime_caches_the_frozen_prefix():

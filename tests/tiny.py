@@ -33,12 +33,12 @@ class TinyData(pl.LightningDataModule):
 def trainer(max_epochs=1, callbacks=(), **kwargs):
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("num_sanity_val_steps", 0)
     return pl.Trainer(
         accelerator="cpu",
         max_epochs=max_epochs,
         callbacks=list(callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
         **kwargs,
     )

@@ -2,10 +2,12 @@
 
 When the first ``k`` backbone modules are frozen and the training images are deterministic
 (``augment: false``), every epoch computes exactly the same ``backbone[:k]`` output for each
-image. The cache computes it once per freeze phase, in one pass over the data, and then serves
-batches of those features in the same ``(seed, epoch)`` order the images would have come in:
-later epochs skip decoding and the frozen layers entirely. ``k`` is the whole backbone in the
-``frozen`` regime ("fast feature extraction") and blocks 1-4 for the seed's fine-tuning.
+image. The first epoch of each freeze phase trains and validates through the images as usual;
+a forward hook on ``backbone[k - 1]`` keeps each batch's output, placed by the dataset positions
+the batch sampler drew, so filling the cache costs no extra pass. Later epochs of the phase get
+batches of those features in the same ``(seed, epoch)`` order the images would have come in and
+skip decoding and the frozen layers entirely. ``k`` is the whole backbone in the ``frozen``
+regime ("fast feature extraction") and blocks 1-4 for the seed's fine-tuning.
 
 It switches itself off whenever it could change results or not pay off: augmentation on, a
 DataModule that does not say its training images are deterministic, ``limit_train_batches``,
@@ -71,6 +73,33 @@ class _Batches(Sampler[list[int]]):
         return -(-len(self.sampler) // self.batch_size)
 
 
+class _Capture:
+    """A cache being filled during one pass: the dataset positions of each batch, in order."""
+
+    def __init__(self, key: str, start: int, n: int, batch_size: int) -> None:
+        self.key, self.start, self.n, self.batch_size = key, start, n, batch_size
+        self.features: torch.Tensor | None = None
+        self.where = ""
+        self.labels = torch.empty(n, dtype=torch.long)
+        self.filled = torch.zeros(n, dtype=torch.bool)
+        self.order: list[int] = []
+
+    def batches(self, sampler: Any) -> _Batches:
+        capture = self
+
+        class Recording(_Batches):
+            def __iter__(self) -> Iterator[list[int]]:
+                capture.order = list(self.sampler)  # the order this pass draws, batch by batch
+                for i in range(0, len(capture.order), self.batch_size):
+                    yield capture.order[i : i + self.batch_size]
+
+        return Recording(sampler, self.batch_size)
+
+    def positions(self, batch_idx: int) -> torch.Tensor:
+        i = batch_idx * self.batch_size
+        return torch.as_tensor(self.order[i : i + self.batch_size])
+
+
 class FeatureCache(pl.Callback):
     """Serve the frozen backbone prefix's output from a cache while it cannot change.
 
@@ -90,6 +119,8 @@ class FeatureCache(pl.Callback):
         self._module: Any = None
         self._loaders: dict[str, Any] = {}
         self._keys: dict[tuple[str, int], str] = {}
+        self._capture: dict[str, _Capture] = {}
+        self._hook: Any = None
         self._worth: dict[int, bool] = {}
 
     # --- when it is safe ---------------------------------------------------------------------
@@ -137,7 +168,9 @@ class FeatureCache(pl.Callback):
             trainer.datamodule.train_dataloader = self._loaders["train"]
             trainer.datamodule.val_dataloader = self._loaders["val"]
             trainer.reload_dataloaders_every_n_epochs = 0
-        self._loaders, self._store, self._keys, self.active = {}, {}, {}, False
+        self._disarm()
+        self._loaders, self._store, self._keys, self._capture = {}, {}, {}, {}
+        self.active = False
 
     # --- serving -----------------------------------------------------------------------------
 
@@ -158,11 +191,27 @@ class FeatureCache(pl.Callback):
         trainer, dm = self._trainer, self._trainer.datamodule
         start = self._frozen_prefix(trainer.current_epoch)
         original = self._loaders[split]()
-        dataset = dm.train_dataset if split == "train" else dm.val_dataset
+        if split == "train":
+            self.active = False
         if not self._worth.get(start, False):
-            self.active = False if split == "train" else self.active
             return original
-        features, labels = self._features(split, dataset, start, original)
+        dataset = dm.train_dataset if split == "train" else dm.val_dataset
+        if (split, start) not in self._keys:  # the prefix is frozen for the whole phase
+            self._keys[(split, start)] = self._key(split, dataset, start)
+        key = self._keys[(split, start)]
+        cached = self._store.get(split)
+        if cached is None or cached[0] != key:
+            # This pass trains (or validates) through the images as usual and fills the cache
+            # on the way: the first epoch of a phase costs what an uncached epoch costs.
+            self._capture[split] = _Capture(key, start, len(dataset), original.batch_size)
+            return DataLoader(
+                dataset,
+                batch_sampler=self._capture[split].batches(original.sampler),
+                num_workers=original.num_workers,
+                collate_fn=original.collate_fn,
+                pin_memory=original.pin_memory,
+            )
+        _, features, labels = cached
         if split == "train":
             self.active = True
             sampler = original.sampler  # the (seed, epoch) order the images would come in
@@ -210,56 +259,69 @@ class FeatureCache(pl.Callback):
                 h.update(repr(value).encode())
         return h.hexdigest()[:16]
 
-    def _features(
-        self, split: str, dataset: Any, start: int, original: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The prefix is frozen for the whole phase, so its key is computed once per phase.
-        if (split, start) not in self._keys:
-            self._keys[(split, start)] = self._key(split, dataset, start)
-        key = self._keys[(split, start)]
-        cached = self._store.get(split)
-        if cached and cached[0] == key:
-            return cached[1], cached[2]
-        features, labels = self._compute(dataset, start, original, key)
-        self._store[split] = (key, features, labels)
-        return features, labels
+    # --- capturing ---------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _compute(
-        self, dataset: Any, start: int, original: Any, key: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass over the data in order, through backbone[:start] exactly as training runs it."""
-        module, trainer = self._module, self._trainer
-        prefix = module.backbone[:start]
-        was_training = prefix.training
-        prefix.eval()  # frozen layers run in eval mode in training too (Keras semantics)
-        loader = DataLoader(
-            dataset,
-            batch_size=original.batch_size,
-            num_workers=original.num_workers,
-            collate_fn=original.collate_fn,
+    def on_train_batch_start(  # noqa: D102
+        self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._arm("train", batch, batch_idx)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:  # noqa: D102
+        self._disarm()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._finish("train")
+
+    def on_validation_batch_start(  # noqa: D102
+        self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int, *args: Any
+    ) -> None:
+        if not trainer.sanity_checking:  # a few batches only: they must not start a capture
+            self._arm("val", batch, batch_idx)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:  # noqa: D102
+        self._disarm()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:  # noqa: D102
+        if not trainer.sanity_checking:
+            self._finish("val")
+
+    def _arm(self, split: str, batch: Any, batch_idx: int) -> None:
+        capture = self._capture.get(split)
+        if capture is None or isinstance(batch, CachedBatch):
+            return
+        positions = capture.positions(batch_idx)
+        capture.labels[positions] = torch.as_tensor(batch[1]).cpu()
+        last_frozen = self._module.backbone[capture.start - 1]
+        self._hook = last_frozen.register_forward_hook(
+            lambda _m, _in, out: self._keep(capture, positions, out)
         )
-        features: torch.Tensor | None = None
-        labels = torch.empty(len(dataset), dtype=torch.long)
-        i = 0
-        for x, y in loader:
-            x = x.to(module.device)
-            with trainer.precision_plugin.forward_context():
-                f = prefix(module.normalize(x)).cpu()
-            if features is None:
-                features, where = self._allocate(len(dataset), f, key)
-            features[i : i + len(f)] = f
-            labels[i : i + len(f)] = torch.as_tensor(y)
-            i += len(f)
-        prefix.train(was_training)
-        module.train(module.training)  # frozen BatchNorm back to eval
+
+    def _disarm(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _keep(self, capture: _Capture, positions: torch.Tensor, out: torch.Tensor) -> None:
+        # The frozen prefix runs exactly as the cache would run it: same images, eval-mode
+        # layers, same autocast. Its output for these dataset positions is the cache entry.
+        out = out.detach().cpu()
+        if capture.features is None:
+            capture.features, capture.where = self._allocate(capture.n, out, capture.key)
+        capture.features[positions] = out
+        capture.filled[positions] = True
+
+    def _finish(self, split: str) -> None:
+        self._disarm()
+        capture = self._capture.pop(split, None)
+        if capture is None or capture.features is None or not bool(capture.filled.all()):
+            return  # an epoch that did not see every image (stopped early) caches nothing
+        self._store[split] = (capture.key, capture.features, capture.labels)
         self.builds += 1
-        size_mb = features.numel() * features.element_size() / 2**20
+        size_mb = capture.features.numel() * capture.features.element_size() / 2**20
         log.info(
-            f"Feature cache: {i} images through backbone[:{start}] once, {size_mb:.1f} MB "
-            f"in {where}; later epochs skip them."
+            f"Feature cache: {capture.n} {split} images through backbone[:{capture.start}] "
+            f"while training, {size_mb:.1f} MB in {capture.where}; later epochs skip them."
         )
-        return features, labels
 
     def _allocate(self, n: int, sample: torch.Tensor, key: str) -> tuple[torch.Tensor, str]:
         shape = (n, *sample.shape[1:])
