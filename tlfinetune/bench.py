@@ -436,8 +436,8 @@ def bench(
     }
     notes += [
         "Epoch times are wall-clock from the end of the previous epoch (from on_fit_start for the "
-        "first), so loader start-up and a feature cache's one pass over the data count in the "
-        "first epoch. Validation is off (limit_val_batches=0).",
+        "first), so loader start-up and filling a feature cache (during the first epoch's own "
+        "steps) count in the first epoch. Validation is off (limit_val_batches=0).",
         "first ÷ bound, later ÷ bound: training img/s over the no_grad forward img/s of the "
         "channels-last backbone. Below 1 the step costs more than a forward pass; above 1 a cache "
         "skips the backbone.",

@@ -109,8 +109,8 @@ class EpochTimer(pl.Callback):
     """Wall time and images of every training epoch, from the end of the previous epoch.
 
     The first epoch starts at ``on_fit_start``: Lightning builds (or reloads) the train loader
-    before ``on_train_epoch_start``, and that work (worker start-up, a feature cache's one pass
-    over the data) belongs to the epoch it feeds.
+    before ``on_train_epoch_start``, and that work (worker start-up) belongs to the epoch it
+    feeds, as does filling a feature cache, which happens during the first epoch's steps.
     """
 
     def __init__(self, device: torch.device) -> None:
