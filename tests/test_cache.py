@@ -82,8 +82,8 @@ def test_milestone_rebuilds_for_the_new_phase_and_matches():
     def schedule():
         return FreezeSchedule(regime="frozen", milestones={2: "block5"}, backbone_lr_ratio=0.5)
 
-    cached, store = fit(True, schedule(), epochs=3)
-    plain, _ = fit(False, schedule(), epochs=3)
+    cached, store = fit(True, schedule(), epochs=4)
+    plain, _ = fit(False, schedule(), epochs=4)
     assert store.builds == 4  # (train, val) for the frozen phase, again after the unfreeze
     assert_same_weights(cached, plain)
 
@@ -121,3 +121,20 @@ def test_memory_budget_moves_features_to_a_file(tmp_path, budget_mb):
     t.fit(model, data())
     files = list((tmp_path / "feature_cache").glob("*.bin"))
     assert len(files) == 2 and store.builds == 2
+
+
+def test_epochs_the_cache_does_not_serve_reuse_the_datamodules_loader():
+    # Lightning without the cache builds the train loader once; a new one per epoch would
+    # restart its workers every epoch (seconds each with many workers on a GPU machine).
+    dm, calls = data(), []
+    own = dm.train_dataloader
+    dm.train_dataloader = lambda: calls.append(1) or own()
+    torch.manual_seed(0)
+    model = TransferClassifier(weights="none")
+    store = FeatureCache()
+    schedule = FreezeSchedule(regime="frozen", milestones={1: "block1"}, backbone_lr_ratio=0.5)
+    trainer(3, callbacks=[schedule, store]).fit(model, dm)
+    plain, _ = fit(False, FreezeSchedule("frozen", milestones={1: "block1"}, backbone_lr_ratio=0.5))
+    assert len(calls) == 1
+    assert store.builds == 0  # the frozen phase lasts one epoch: nothing would read a cache
+    assert_same_weights(model, plain)

@@ -97,7 +97,7 @@ class _Capture:
 
     def positions(self, batch_idx: int) -> torch.Tensor:
         i = batch_idx * self.batch_size
-        return torch.as_tensor(self.order[i : i + self.batch_size])
+        return torch.as_tensor(self.order[i : i + self.batch_size], dtype=torch.long)
 
 
 class FeatureCache(pl.Callback):
@@ -120,6 +120,7 @@ class FeatureCache(pl.Callback):
         self._loaders: dict[str, Any] = {}
         self._keys: dict[tuple[str, int], str] = {}
         self._capture: dict[str, _Capture] = {}
+        self._originals: dict[str, Any] = {}  # the datamodule's own loaders, asked for once
         self._hook: Any = None
         self._worth: dict[int, bool] = {}
 
@@ -170,6 +171,7 @@ class FeatureCache(pl.Callback):
             trainer.reload_dataloaders_every_n_epochs = 0
         self._disarm()
         self._loaders, self._store, self._keys, self._capture = {}, {}, {}, {}
+        self._originals = {}
         self.active = False
 
     # --- serving -----------------------------------------------------------------------------
@@ -190,7 +192,14 @@ class FeatureCache(pl.Callback):
     def _loader(self, split: str) -> Any:
         trainer, dm = self._trainer, self._trainer.datamodule
         start = self._frozen_prefix(trainer.current_epoch)
-        original = self._loaders[split]()
+        # Lightning without the cache asks for each loader once: keep that one loader (and its
+        # persistent workers) for the epochs the cache does not serve, instead of a new one each.
+        if split not in self._originals:
+            self._originals[split] = self._loaders[split]()
+        original = self._originals[split]
+        # A capture belongs to the loader made with it: Lightning may ask again (on resume, the
+        # first call comes before the checkpoint's epoch is restored) and iterate only the last.
+        self._capture.pop(split, None)
         if split == "train":
             self.active = False
         if not self._worth.get(start, False):
@@ -200,6 +209,8 @@ class FeatureCache(pl.Callback):
             self._keys[(split, start)] = self._key(split, dataset, start)
         key = self._keys[(split, start)]
         cached = self._store.get(split)
+        if (cached is None or cached[0] != key) and not self._served_later(start):
+            return original  # the phase ends with this epoch: nothing would read the cache
         if cached is None or cached[0] != key:
             # This pass trains (or validates) through the images as usual and fills the cache
             # on the way: the first epoch of a phase costs what an uncached epoch costs.
@@ -222,6 +233,13 @@ class FeatureCache(pl.Callback):
             sampler=_Batches(sampler, original.batch_size),
             batch_size=None,
         )
+
+    def _served_later(self, start: int) -> bool:
+        """Whether an epoch after this one runs with the same frozen prefix."""
+        trainer = self._trainer
+        following = trainer.current_epoch + 1
+        last = trainer.max_epochs if trainer.max_epochs is not None else -1
+        return (last < 0 or following < last) and self._frozen_prefix(following) == start
 
     def _pays_off(self, start: int) -> bool:
         if start == 0:
@@ -289,8 +307,11 @@ class FeatureCache(pl.Callback):
         capture = self._capture.get(split)
         if capture is None or isinstance(batch, CachedBatch):
             return
-        positions = capture.positions(batch_idx)
-        capture.labels[positions] = torch.as_tensor(batch[1]).cpu()
+        positions, labels = capture.positions(batch_idx), torch.as_tensor(batch[1]).cpu()
+        if len(positions) != len(labels):  # not the loader this capture recorded: never guess
+            self._capture.pop(split)
+            return
+        capture.labels[positions] = labels
         last_frozen = self._module.backbone[capture.start - 1]
         self._hook = last_frozen.register_forward_hook(
             lambda _m, _in, out: self._keep(capture, positions, out)
