@@ -2,7 +2,8 @@
 # The GPU measurements issue 5 still needs, as one device run (about 8 minutes on an H100/H200):
 # where a training step syncs with the host, and bench at 224 px in bf16-mixed and 16-mixed.
 #   device: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"])   # results under $OUT
-# .whl holds jsonargparse and its two dependencies (git-ignored): device images may lack them.
+# .whl holds jsonargparse and its two dependencies (git-ignored): device images may lack them;
+# in a fresh checkout: pip download jsonargparse docstring-parser typeshed-client --no-deps -d .whl
 set -u
 out=${OUT:-gpu_out}
 mkdir -p "$out"
