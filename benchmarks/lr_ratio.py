@@ -73,12 +73,11 @@ def _fit(
     precision: str,
     save: Path | None = None,
     backbone: str = "vgg16",
-    augment: bool = False,
 ) -> list[float]:
     """One fit; returns the validation accuracy after each epoch."""
     pl.seed_everything(seed, workers=True, verbose=False)
     data = ImageDataModule(
-        root=root, image_size=image_size, batch_size=32, augment=augment, seed=seed, num_workers=1
+        root=root, image_size=image_size, batch_size=32, augment=False, seed=seed, num_workers=1
     )
     model = TransferClassifier(
         backbone=backbone,

@@ -59,45 +59,34 @@ class _Batches(Sampler[list[int]]):
 
     def __init__(self, sampler: Any, batch_size: int) -> None:
         self.sampler, self.batch_size = sampler, batch_size
+        self.order: list[int] = []  # the positions of the current pass, in batch order
 
     def set_epoch(self, epoch: int) -> None:  # noqa: D102
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = list(self.sampler)
-        for i in range(0, len(order), self.batch_size):
-            yield order[i : i + self.batch_size]
+        self.order = list(self.sampler)  # kept: a cache being filled reads which images came
+        for i in range(0, len(self.order), self.batch_size):
+            yield self.order[i : i + self.batch_size]
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
 
 
 class _Capture:
-    """A cache being filled during one pass: the dataset positions of each batch, in order."""
+    """A cache being filled during one pass: ``batches`` says which images each batch holds."""
 
-    def __init__(self, key: str, start: int, n: int, batch_size: int) -> None:
-        self.key, self.start, self.n, self.batch_size = key, start, n, batch_size
+    def __init__(self, key: str, start: int, n: int, batches: _Batches) -> None:
+        self.key, self.start, self.n, self.batches = key, start, n, batches
         self.features: torch.Tensor | None = None
         self.where = ""
         self.labels = torch.empty(n, dtype=torch.long)
         self.filled = torch.zeros(n, dtype=torch.bool)
-        self.order: list[int] = []
-
-    def batches(self, sampler: Any) -> _Batches:
-        capture = self
-
-        class Recording(_Batches):
-            def __iter__(self) -> Iterator[list[int]]:
-                capture.order = list(self.sampler)  # the order this pass draws, batch by batch
-                for i in range(0, len(capture.order), self.batch_size):
-                    yield capture.order[i : i + self.batch_size]
-
-        return Recording(sampler, self.batch_size)
 
     def positions(self, batch_idx: int) -> torch.Tensor:
-        i = batch_idx * self.batch_size
-        return torch.as_tensor(self.order[i : i + self.batch_size], dtype=torch.long)
+        size = self.batches.batch_size
+        return torch.as_tensor(self.batches.order[batch_idx * size :][:size], dtype=torch.long)
 
 
 class FeatureCache(pl.Callback):
@@ -209,15 +198,16 @@ class FeatureCache(pl.Callback):
             self._keys[(split, start)] = self._key(split, dataset, start)
         key = self._keys[(split, start)]
         cached = self._store.get(split)
-        if (cached is None or cached[0] != key) and not self._served_later(start):
-            return original  # the phase ends with this epoch: nothing would read the cache
         if cached is None or cached[0] != key:
+            if not self._served_later(start):
+                return original  # the phase ends with this epoch: nothing would read the cache
             # This pass trains (or validates) through the images as usual and fills the cache
             # on the way: the first epoch of a phase costs what an uncached epoch costs.
-            self._capture[split] = _Capture(key, start, len(dataset), original.batch_size)
+            batches = _Batches(original.sampler, original.batch_size)
+            self._capture[split] = _Capture(key, start, len(dataset), batches)
             return DataLoader(
                 dataset,
-                batch_sampler=self._capture[split].batches(original.sampler),
+                batch_sampler=batches,
                 num_workers=original.num_workers,
                 collate_fn=original.collate_fn,
                 pin_memory=original.pin_memory,
