@@ -11,6 +11,7 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -109,7 +110,23 @@ def test_eval_transform_is_vgg_preset_without_normalisation():
     assert type(out) is torch.Tensor and out.dtype == torch.uint8 and out.shape == (3, 32, 32)
     expected = TF.center_crop(TF.resize(x, 37, antialias=True), 32)  # round(32 * 256 / 224)
     assert torch.equal(out, expected)
-    assert eval_transform(224).transforms[1].size == [256]
+    assert eval_transform(224).resize_size == 256 and eval_transform(224).crop_size == 224
+
+
+@pytest.mark.parametrize("shape", [(3, 60, 90), (3, 90, 60), (3, 20, 30), (3, 64, 64), (1, 50, 40)])
+def test_eval_transform_gives_the_pixels_of_torchvisions_v2_pipeline(shape):
+    # ResizeCenterCrop calls torchvision's kernels directly for speed; it must not change a pixel
+    # against the v2 pipeline it replaces, for tensors, tv_tensors and PIL images alike.
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    reference = v2.Compose(
+        [v2.ToImage(), v2.Resize(37, antialias=True), v2.CenterCrop(32), v2.ToPureTensor()]
+    )
+    out = eval_transform(32)(x)
+    assert type(out) is torch.Tensor and torch.equal(out, reference(x))
+    assert torch.equal(eval_transform(32)(tv_tensors.Image(x)), out)
+    if shape[0] == 3:
+        pil = TF.to_pil_image(x)
+        assert torch.equal(eval_transform(32)(pil), reference(pil))
 
 
 def test_train_transform_without_augment_equals_eval():
