@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,20 @@ DEMO_CLASSES: tuple[str, ...] = ("circle", "cross", "ring", "square", "stripes",
 """Class names of the demo dataset, in label order (sorted, as ImageFolder orders folders)."""
 
 _SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class _Defaults:
+    """The default demo configuration, said once: the public signatures below read it."""
+
+    train_per_class: int = 60
+    val_per_class: int = 20
+    test_per_class: int = 20
+    image_size: int = 64
+    seed: int = 0
+
+
+_DEFAULT = _Defaults()
 _MANIFEST = "demo.json"
 _SUPERSAMPLE = 2
 
@@ -62,15 +77,16 @@ def demo_cache_root() -> Path:
 
 
 def demo_folder_name(
-    train_per_class: int = 60,
-    val_per_class: int = 20,
-    test_per_class: int = 20,
-    image_size: int = 64,
-    seed: int = 0,
+    train_per_class: int = _DEFAULT.train_per_class,
+    val_per_class: int = _DEFAULT.val_per_class,
+    test_per_class: int = _DEFAULT.test_per_class,
+    image_size: int = _DEFAULT.image_size,
+    seed: int = _DEFAULT.seed,
 ) -> str:
     """Name of the cache sub-folder for one demo configuration (``demo-v1`` for the defaults)."""
     name = f"demo-v{DEMO_VERSION}"
-    if (train_per_class, val_per_class, test_per_class, image_size, seed) != (60, 20, 20, 64, 0):
+    spec = _Defaults(train_per_class, val_per_class, test_per_class, image_size, seed)
+    if spec != _DEFAULT:
         name += f"-{train_per_class}-{val_per_class}-{test_per_class}-{image_size}px-seed{seed}"
     return name
 
@@ -203,11 +219,11 @@ def render_demo_image(class_name: str, rng: np.random.Generator, size: int = 64)
 def generate_demo_dataset(
     out_dir: Path | str,
     *,
-    train_per_class: int = 60,
-    val_per_class: int = 20,
-    test_per_class: int = 20,
-    image_size: int = 64,
-    seed: int = 0,
+    train_per_class: int = _DEFAULT.train_per_class,
+    val_per_class: int = _DEFAULT.val_per_class,
+    test_per_class: int = _DEFAULT.test_per_class,
+    image_size: int = _DEFAULT.image_size,
+    seed: int = _DEFAULT.seed,
 ) -> Path:
     """Writes the demo dataset as PNG files into ``out_dir/{train,val,test}/<class>/NNNN.png``.
 
@@ -249,11 +265,11 @@ def generate_demo_dataset(
 def ensure_demo_dataset(
     cache_dir: Path | str | None = None,
     *,
-    train_per_class: int = 60,
-    val_per_class: int = 20,
-    test_per_class: int = 20,
-    image_size: int = 64,
-    seed: int = 0,
+    train_per_class: int = _DEFAULT.train_per_class,
+    val_per_class: int = _DEFAULT.val_per_class,
+    test_per_class: int = _DEFAULT.test_per_class,
+    image_size: int = _DEFAULT.image_size,
+    seed: int = _DEFAULT.seed,
 ) -> Path:
     """Returns the folder of the demo dataset, generating it first if it is not cached yet.
 
