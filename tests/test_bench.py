@@ -17,8 +17,8 @@ TINY = {
 }
 COLUMNS = (
     "| setup | regime | first epoch img/s | later epochs img/s | later ÷ first epoch time "
-    "| first ÷ bound | later ÷ bound | vs plain PyTorch (first / later) | feature cache "
-    "| peak RSS MB (start) | total s | load |"
+    "| first ÷ bound | later ÷ bound | bound img/s | vs plain PyTorch (first / later) "
+    "| feature cache | peak RSS MB (start) | total s | load |"
 )
 
 
@@ -44,6 +44,11 @@ def test_bench_tiny_frozen_with_peers(tmp_path):
         assert _positive(row["first_ips"]) and _positive(row["later_ips"])
         assert _positive(row["peak_rss_mb"]) and _positive(row["total_s"])
         assert row["cache"] in ("yes", "no", "n/a")
+        # Each row is divided by the bound measured around it, one of the run's measurements.
+        assert min(res["bound"]["channels_last_all"]) <= row["bound"]
+        assert row["bound"] <= max(res["bound"]["channels_last_all"])
+    # One bound before the first row and one after each row.
+    assert len(res["bound"]["channels_last_all"]) == len(res["rows"]) + 1
     off = rows.get(("tlfinetune, cache off", "frozen"))
     if off is not None:  # the package can switch its feature cache off: it must be off
         assert off["cache"] in ("no", "n/a")
@@ -58,6 +63,8 @@ def test_bench_tiny_frozen_with_peers(tmp_path):
     assert "no_grad forward bound" in text and "Decode + transform alone" in text
     table = [line for line in text.splitlines() if line.startswith("| ") and "frozen" in line]
     assert len(table) == len(res["rows"])
+    first = res["rows"][0]
+    assert f"| {first['first_ips'] / first['bound']:.2f}× |" in table[0]
     assert res["command"].startswith("python -m tlfinetune bench ")
 
 

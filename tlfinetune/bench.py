@@ -354,9 +354,9 @@ def bench(
         bounds: dict[str, list[float]] = {"channels_last": [], "nchw": []}
 
         def measure_bound(layouts: Sequence[str] = ("channels_last",)) -> None:
-            # Measured again after every regime: on a shared machine the best of them is the
-            # bound, and their spread shows how much the machine's speed moved during the run.
-            # NCHW (for comparison with the plain loop's layout) only at the start.
+            # Measured again after every row: each row is divided by the bound just before and
+            # after it (a shared machine's speed drifts by 10-20 % within a run), and the spread
+            # of all of them shows how much it moved. NCHW (the plain loop's layout) only once.
             for layout in layouts:
                 features = bb.build_backbone(backbone)
                 features.load_state_dict(weights_state)
@@ -392,6 +392,7 @@ def bench(
         def add(setup: str, regime: str, run: Callable[[], Result]) -> None:
             # A setup that fails becomes a row saying why; the others are still measured.
             _release_memory()
+            before = bounds["channels_last"][-1]
             try:
                 row = run()
             except Exception as exc:  # noqa: BLE001 - report it in the table, go on
@@ -400,6 +401,9 @@ def bench(
                 row = Result(setup, regime, note=f"failed: {type(exc).__name__}: {first}"[:240])
             with contextlib.suppress(OSError, AttributeError):
                 row.load = os.getloadavg()[0]
+            _release_memory()
+            measure_bound()
+            row.bound = (before + bounds["channels_last"][-1]) / 2
             rows.append(row)
             _progress(_line(row))
 
@@ -425,8 +429,6 @@ def bench(
                     regime,
                     functools.partial(keras_peer, s, regime, num_classes),
                 )
-            _release_memory()
-            measure_bound()
 
     bound = {
         "channels_last": max(bounds["channels_last"]),
@@ -439,8 +441,9 @@ def bench(
         "first), so loader start-up and filling a feature cache (during the first epoch's own "
         "steps) count in the first epoch. Validation is off (limit_val_batches=0).",
         "first ÷ bound, later ÷ bound: training img/s over the no_grad forward img/s of the "
-        "channels-last backbone. Below 1 the step costs more than a forward pass; above 1 a cache "
-        "skips the backbone.",
+        "channels-last backbone measured just before and just after that row (their mean is the "
+        "bound column). Below 1 the step costs more than a forward pass; above 1 a cache skips "
+        "the backbone.",
         "Peak RSS: resident memory of the main process during training (DataLoader workers not "
         "included), with the RSS at the start of training in brackets.",
         "load: the 1-minute load average when the row finished; above the number of cores, "

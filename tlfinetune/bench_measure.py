@@ -41,6 +41,9 @@ class Result:
     peak_cuda_mb: float | None = None
     total_s: float = float("nan")
     load: float = float("nan")  # 1-minute load average when the row ended
+    # The no_grad forward bound around this row: mean of the measurements just before and just
+    # after it, so that the row and its bound saw the same machine (a shared one drifts).
+    bound: float = float("nan")
     note: str = ""
 
     @property
@@ -82,6 +85,7 @@ class Result:
             "peak_cuda_mb": self.peak_cuda_mb,
             "total_s": self.total_s,
             "load": self.load,
+            "bound": self.bound,
             "note": self.note,
         }
 

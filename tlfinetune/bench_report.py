@@ -47,7 +47,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Data: {cfg['data']}; augment off; {cfg['train_images']} training images, "
         f"{cfg['epochs']} epochs; DataLoader workers: {cfg['num_workers']}",
         f"- no_grad forward bound ({cfg['backbone']} backbone alone, one fixed batch, same "
-        f"precision and batch size; best of {len(cl_all)} measurements through the run): "
+        f"precision and batch size; best of {len(cl_all)} measurements: before the first row and "
+        f"after each): "
         f"**{_fmt(bound['channels_last'])} img/s** channels-last (range {_fmt(min(cl_all))}"
         f"-{_fmt(max(cl_all))}); NCHW {_fmt(bound['nchw'])} img/s",
         f"- Decode + transform alone (no model): {_fmt(decode['in_process'], 0)} img/s in the main "
@@ -64,6 +65,7 @@ def markdown(results: dict[str, Any]) -> str:
         "later ÷ first epoch time",
         "first ÷ bound",
         "later ÷ bound",
+        "bound img/s",
         "vs plain PyTorch (first / later)",
         "feature cache",
         memory,
@@ -72,8 +74,8 @@ def markdown(results: dict[str, Any]) -> str:
         head.append("peak CUDA MB")
     head += ["total s", "load"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    b = bound["channels_last"]
     for r in rows:
+        b = r.bound if r.bound == r.bound else bound["channels_last"]  # older results: no row bound
         peer = torch_rows.get(r.regime)
         vs = "-"
         if peer is not None and r is not peer and r.setup.startswith("tlfinetune"):
@@ -87,6 +89,7 @@ def markdown(results: dict[str, Any]) -> str:
             "-" if later_share != later_share else f"{100 * later_share:.1f} %",
             _ratio(r.first_ips, b),
             _ratio(r.later_ips, b),
+            _fmt(b),
             vs,
             r.cache_state,
             f"{_fmt(r.peak_rss_mb, 0)} ({_fmt(r.rss_start_mb, 0)})",
