@@ -871,6 +871,26 @@ def test_default_num_workers(monkeypatch):
         assert default_num_workers() == expected
     monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda _pid: set(range(8)))
     assert default_num_workers(processes_per_node=4) == 1
+    # Training on the CPU: only the cores its compute threads leave free.
+    assert default_num_workers(compute_threads=8) == 0
+    assert default_num_workers(compute_threads=16) == 0
+    assert default_num_workers(compute_threads=6) == 2
+    assert default_num_workers(compute_threads=2) == 4
+
+
+def test_default_workers_leave_the_cores_to_cpu_training(monkeypatch):
+    monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda _pid: set(range(2)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    x, y = random_nhwc(), np.arange(12) % 3
+    dm = ImageDataModule.from_arrays(x, y, image_size=8, batch_size=4, num_workers=None)
+    assert dm._resolved_num_workers() == 1  # no trainer yet: as for a GPU
+    dm.trainer = fake_trainer(0, "cpu")
+    assert dm._resolved_num_workers() == 0 and dm.train_dataloader().num_workers == 0
+    dm.trainer = fake_trainer(0, "cuda")
+    assert dm._resolved_num_workers() == 1
+    dm.num_workers = 2  # an explicit setting always wins
+    dm.trainer = fake_trainer(0, "cpu")
+    assert dm._resolved_num_workers() == 2
 
 
 def test_loader_settings(tmp_path):

@@ -69,7 +69,7 @@ from tlfinetune.bench_measure import (
 from tlfinetune.bench_peers import keras_peer, torch_peer
 from tlfinetune.bench_report import _machine, markdown
 from tlfinetune.bench_setting import _Setting
-from tlfinetune.data import ImageDataModule
+from tlfinetune.data import ImageDataModule, default_num_workers
 from tlfinetune.demo import DEMO_CLASSES, render_demo_image
 from tlfinetune.errors import ConfigError
 from tlfinetune.freeze import FreezeSchedule
@@ -257,7 +257,8 @@ def bench(
         output: markdown file to write (none: print only).
         peers: comma-separated peers run in the same process: ``torch`` (a plain hand-written
             loop), ``keras`` (the seed's code, when TensorFlow is installed); ``none`` for none.
-        num_workers: DataLoader workers; default the data module's (``min(4, cpus - 1)``).
+        num_workers: DataLoader workers, the same for every setup; default what the data
+            module picks for this device (:func:`tlfinetune.data.default_num_workers`).
         uncached: regimes also run with the feature cache switched off, when the package has
             a switch for it.
         data: an ImageFolder-layout folder (or ``demo``) to train on instead of synthetic
@@ -323,6 +324,9 @@ def bench(
         else:
             root = data if data == "demo" else Path(data)
             described = "the embedded demo dataset" if data == "demo" else f"folder {data}"
+        if num_workers is None:  # resolved once, so that every setup gets the same loader
+            threads = torch.get_num_threads() if dev.type == "cpu" else 1
+            num_workers = default_num_workers(compute_threads=threads)
         s = _Setting(
             root=root,
             image_size=image_size,
@@ -341,7 +345,6 @@ def bench(
         decode = measure_decode(dm)
         train_images = len(dm.train_dataset)  # type: ignore[arg-type]
         num_classes = dm.num_classes
-        workers = dm._resolved_num_workers()
         _progress(
             f"decode: {decode['in_process']:.0f} img/s in process, "
             f"{decode['loader']:.0f} img/s via the loader"
@@ -462,7 +465,7 @@ def bench(
             "backbone": backbone,
             "weights": weights,
             "device": str(dev),
-            "num_workers": workers,
+            "num_workers": num_workers,
             "train_images": train_images,
             "data": described,
         },
