@@ -158,7 +158,9 @@ def main() -> None:
     p.add_argument("--target_per_class", type=int, default=20)
     p.add_argument("--val_per_class", type=int, default=100)
     p.add_argument("--image_size", type=int, default=32)
-    p.add_argument("--precision", default="bf16-mixed")
+    p.add_argument("--precision", default="bf16-mixed", help="of the target fine-tuning runs")
+    p.add_argument("--source_precision", default=None, help="of the source pretraining "
+                   "(default: --precision); fix it to compare target precisions")  # fmt: skip
     p.add_argument("--out", default="lr_ratio.md")
     args = p.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -183,12 +185,14 @@ def main() -> None:
             source = _subset(demo, tmp / "source", SOURCE_CLASSES, counts)
             ckpt = tmp / "source.ckpt"
             acc = _fit(source, "none", "full", 1.0, 0, args.source_epochs, args.source_lr,
-                       args.image_size, args.precision, save=ckpt, backbone="vgg16_bn")  # fmt: skip
+                       args.image_size, args.source_precision or args.precision, save=ckpt,
+                       backbone="vgg16_bn")  # fmt: skip
             weights = str(fold_batchnorm(ckpt, tmp / "vgg16-proxy.pth"))
             lines.append(
                 f"Source: vgg16_bn from random init, full regime, Adam lr {args.source_lr:g}, "
                 f"{args.source_epochs} epochs on {', '.join(SOURCE_CLASSES)} x "
-                f"{args.source_per_class} images at {args.image_size} px: val acc "
+                f"{args.source_per_class} images at {args.image_size} px, "
+                f"{args.source_precision or args.precision}: val acc "
                 f"{acc[-1]:.3f} (per epoch: {', '.join(f'{a:.2f}' for a in acc)}); BatchNorm "
                 f"folded into a plain vgg16 state dict (same outputs within 1e-4)."
             )
