@@ -113,12 +113,16 @@ def default_num_workers(processes_per_node: int = 1, compute_threads: int = 1) -
     Returns:
         The number of worker processes per DataLoader.
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        cpus = os.cpu_count() or 1
-    per_process = cpus // max(1, processes_per_node)
+    per_process = _cpus() // max(1, processes_per_node)
     return max(0, min(4, per_process - max(1, compute_threads)))
+
+
+def _cpus() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -782,8 +786,13 @@ class ImageDataModule(pl.LightningDataModule):
         workers = default_num_workers(per_node, threads)
         if self.trainer is not None and not self._workers_logged:
             self._workers_logged = True
-            why = f"the cores left by {threads} compute thread{'s' * (threads > 1)}"
-            log.info("DataLoader workers: %d (%s; data.num_workers sets them).", workers, why)
+            log.info(
+                "DataLoader workers: %d per process (%d cores, training itself keeps %d busy; "
+                "data.num_workers sets them).",
+                workers,
+                _cpus(),
+                per_node * threads,
+            )
         return workers
 
     def _device_type(self) -> str | None:
