@@ -44,6 +44,8 @@ DEMO_CLASSES: tuple[str, ...] = ("circle", "cross", "ring", "square", "stripes",
 """Class names of the demo dataset, in label order (sorted, as ImageFolder orders folders)."""
 
 _SPLITS = ("train", "val", "test")
+_MANIFEST = "demo.json"
+_SUPERSAMPLE = 2
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,6 @@ class _Defaults:
 
 
 _DEFAULT = _Defaults()
-_MANIFEST = "demo.json"
-_SUPERSAMPLE = 2
 
 
 def demo_cache_root() -> Path:
