@@ -69,7 +69,7 @@ from tlfinetune.bench_measure import (
 from tlfinetune.bench_peers import keras_peer, torch_peer
 from tlfinetune.bench_report import _machine, markdown
 from tlfinetune.bench_setting import _Setting
-from tlfinetune.data import ImageDataModule, default_num_workers
+from tlfinetune.data import ImageDataModule, compute_threads, default_num_workers
 from tlfinetune.demo import DEMO_CLASSES, render_demo_image
 from tlfinetune.errors import ConfigError
 from tlfinetune.freeze import FreezeSchedule
@@ -325,8 +325,7 @@ def bench(
             root = data if data == "demo" else Path(data)
             described = "the embedded demo dataset" if data == "demo" else f"folder {data}"
         if num_workers is None:  # resolved once, so that every setup gets the same loader
-            threads = torch.get_num_threads() if dev.type == "cpu" else 1
-            num_workers = default_num_workers(compute_threads=threads)
+            num_workers = default_num_workers(compute_threads=compute_threads(dev.type))
         s = _Setting(
             root=root,
             image_size=image_size,

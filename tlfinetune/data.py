@@ -77,6 +77,7 @@ __all__ = [
     "ImageDataModule",
     "ImageFileDataset",
     "IndexedDataset",
+    "compute_threads",
     "default_num_workers",
     "eval_resize_size",
     "eval_transform",
@@ -115,6 +116,11 @@ def default_num_workers(processes_per_node: int = 1, compute_threads: int = 1) -
     """
     per_process = _cpus() // max(1, processes_per_node)
     return max(0, min(4, per_process - max(1, compute_threads)))
+
+
+def compute_threads(device_type: str | None) -> int:
+    """Cores a training process keeps busy itself: torch's threads on the CPU, else one."""
+    return torch.get_num_threads() if device_type == "cpu" else 1
 
 
 def _cpus() -> int:
@@ -778,11 +784,10 @@ class ImageDataModule(pl.LightningDataModule):
     def _resolved_num_workers(self) -> int:
         if self.num_workers is not None:
             return int(self.num_workers)
-        per_node, threads = 1, 1
+        per_node = 1
         if self.trainer is not None:
             per_node = max(1, int(getattr(self.trainer, "num_devices", 1) or 1))
-            if self._device_type() == "cpu":
-                threads = torch.get_num_threads()
+        threads = compute_threads(self._device_type())
         workers = default_num_workers(per_node, threads)
         if self.trainer is not None and not self._workers_logged:
             self._workers_logged = True
