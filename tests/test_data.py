@@ -866,7 +866,8 @@ def test_hyperparameters_hold_no_path_objects(tmp_path):
 
 
 def test_default_num_workers(monkeypatch):
-    for cpus, expected in ((1, 0), (2, 1), (3, 2), (16, 4)):
+    # On a GPU every core but the training process's own: decoding is what a GPU waits for.
+    for cpus, expected in ((1, 0), (2, 1), (3, 2), (16, 15), (17, 16), (128, 16)):
         monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
         assert default_num_workers() == expected
     monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda _pid: set(range(8)))
@@ -875,7 +876,9 @@ def test_default_num_workers(monkeypatch):
     assert default_num_workers(compute_threads=8) == 0
     assert default_num_workers(compute_threads=16) == 0
     assert default_num_workers(compute_threads=6) == 2
-    assert default_num_workers(compute_threads=2) == 4
+    assert default_num_workers(compute_threads=2) == 6
+    monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    assert default_num_workers(processes_per_node=8) == 7  # 8 DDP ranks on 64 cores
 
 
 def test_default_workers_leave_the_cores_to_cpu_training(monkeypatch):
