@@ -13,6 +13,7 @@ from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import ConfigError, DataError, TLFinetuneError, WeightsError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.module import TransferClassifier
+from tlfinetune.precision import fastest_precision
 
 # Like Lightning does for its own logger: show our INFO lines unless the application configured
 # logging itself.
@@ -30,4 +31,5 @@ __all__ = [
     "TLFinetuneError",
     "TransferClassifier",
     "WeightsError",
+    "fastest_precision",
 ]

@@ -31,6 +31,7 @@ from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.module import TransferClassifier
+from tlfinetune.precision import device_type_of, fastest_precision, native_bf16
 from tlfinetune.predict import PredictionWriter
 from tlfinetune.report import EvaluationReport, LearningCurves
 from tlfinetune.runs import (
@@ -171,6 +172,8 @@ class TLFinetuneCLI(LightningCLI):
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        if trainer_config.get("precision") is None:
+            kwargs["precision"] = self._fastest_precision(trainer_config.get("accelerator"))
         if self.subcommand == "fit":
             if trainer_config.logger in (None, True):
                 kwargs["logger"] = RunLogger(root, name="", version=self._resume_version)
@@ -182,6 +185,19 @@ class TLFinetuneCLI(LightningCLI):
             kwargs["enable_checkpointing"] = False
             self.save_config_callback = None  # validate/test/predict write no config.yaml
         return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def _fastest_precision(accelerator: Any) -> str | None:
+        """``--trainer.precision`` left unset: the fastest that keeps accuracy here, said once."""
+        device = device_type_of(accelerator or "auto")
+        chosen = fastest_precision(device)
+        if chosen is not None:
+            has = "has" if native_bf16(device) else "has no"
+            log.info(
+                f"Precision {chosen}: the fastest that keeps accuracy on this {device.upper()}, "
+                f"which {has} native bf16 (--trainer.precision sets another)."
+            )
+        return chosen
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         if self.subcommand != "fit":  # nothing to checkpoint outside fit

@@ -28,6 +28,7 @@ from tlfinetune.cache import CachedBatch, FeatureCache
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.head import HeadFactory, HeadName, flatten_head, gap_head, torchvision_head
+from tlfinetune.precision import emulated_bf16_warning
 from tlfinetune.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,9 @@ class TransferClassifier(pl.LightningModule):
             f"image size {self.hparams.image_size}, {self.hparams.num_classes} classes, "
             f"head {head}."
         )
+        slow = emulated_bf16_warning(self.trainer.precision, self.trainer.strategy.root_device.type)
+        if slow:
+            log.warning(slow)
         if stage == "fit" and not ckpt and self.weights_info.startswith("none"):
             log.warning(
                 "No pretrained weights: the backbone starts from random initialisation, so this "

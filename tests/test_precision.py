@@ -1,0 +1,96 @@
+"""Precision: the fastest that keeps accuracy is chosen per machine; emulated bf16 is warned."""
+
+import logging
+
+import pytest
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
+from test_cli import fit_args, make_folder
+from tiny import TinyData, trainer
+
+import tlfinetune.precision as precision
+from tlfinetune import TransferClassifier, fastest_precision
+from tlfinetune.cli import TLFinetuneCLI, main
+
+
+def cpu_bf16(monkeypatch, avx512_bf16: bool, amx: bool = False) -> None:
+    """Pretend this x86 CPU has (or lacks) the bf16 instructions torch reports."""
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected",
+    [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"), (False, False, "32-true")],
+)
+def test_cpu_gets_bf16_only_with_bf16_instructions(monkeypatch, avx512_bf16, amx, expected):
+    cpu_bf16(monkeypatch, avx512_bf16, amx)
+    assert fastest_precision("cpu") == expected
+
+
+def test_a_torch_that_cannot_tell_counts_as_no_bf16(monkeypatch):
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert not precision.native_bf16("cpu")
+    assert fastest_precision("cpu") == "32-true"
+
+
+def test_gpus_get_bf16_where_native_else_16_mixed(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert fastest_precision("cuda") == "16-mixed"  # e.g. V100, T4: fp16 tensor cores only
+    native = {"including_emulation=False": None}
+
+    def ampere(including_emulation=True):
+        native["including_emulation=False"] = not including_emulation
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", ampere)
+    assert fastest_precision("cuda") == "bf16-mixed"
+    assert native["including_emulation=False"]  # emulated bf16 must not count
+    assert fastest_precision("mps") is None  # not measured: Lightning's own default
+
+
+def test_device_type_of_the_trainer_accelerator(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if getattr(torch.backends, "mps", None) is not None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert precision.device_type_of("auto") == "cpu"
+    assert precision.device_type_of("CPU") == "cpu"
+    assert precision.device_type_of(CPUAccelerator()) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert precision.device_type_of("auto") == "cuda"
+    assert precision.device_type_of("gpu") == "cuda"
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_cli_picks_the_fastest_precision_when_none_is_given(
+    tmp_path, monkeypatch, caplog, has_bf16
+):
+    cpu_bf16(monkeypatch, avx512_bf16=has_bf16)
+    seen = []
+    monkeypatch.setattr(TLFinetuneCLI, "after_fit", lambda self: seen.append(self.trainer))
+    caplog.set_level("INFO", logger="tlfinetune")
+    data = make_folder(tmp_path / "data", per_class=3)
+    one_step = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=1")
+    main(fit_args(data, tmp_path / "auto", *one_step))
+    expected = "bf16-mixed" if has_bf16 else "32-true"
+    assert seen[-1].precision == expected
+    assert f"Precision {expected}: the fastest that keeps accuracy on this CPU" in caplog.text
+    # Given explicitly, the user's precision is kept, whatever the machine.
+    main(fit_args(data, tmp_path / "given", *one_step, "--trainer.precision=32-true"))
+    assert seen[-1].precision == "32-true"
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_bf16_on_a_cpu_that_emulates_it_is_warned(monkeypatch, caplog, has_bf16):
+    cpu_bf16(monkeypatch, avx512_bf16=has_bf16)
+    model = TransferClassifier(weights="none", num_classes=3, image_size=32)
+    t = trainer(precision="bf16-mixed", limit_train_batches=1, limit_val_batches=0)
+    with caplog.at_level(logging.WARNING, logger="tlfinetune"):
+        t.fit(model, TinyData(n=8))
+    warned = "precision=bf16-mixed on a CPU without bf16 instructions" in caplog.text
+    assert warned != has_bf16
+    if warned:
+        assert "--trainer.precision 32-true" in caplog.text

@@ -1,0 +1,88 @@
+"""Which training precision runs fast on this hardware.
+
+bf16-mixed is not faster everywhere. Measured with VGG16's no_grad forward (64 px, batch 32,
+channels-last): on a CPU with AVX-512 bf16 it ran ~1.9x the speed of 32-true, while on an
+AVX2-only AMD EPYC with no bf16 instructions it ran 6.4 img/s against 47.8 for 32-true (7.5x
+slower: oneDNN emulates bf16 there). On GPUs with native bf16 (Ampere and later) bf16-mixed
+runs on the same tensor cores as 16-mixed without the GradScaler, whose ``found_inf`` check
+reads a value back from the GPU at every optimizer step; older GPUs get 16-mixed.
+``benchmarks/precision.md`` shows bf16-mixed reaching the accuracy of 32-true on VGG16.
+
+    >>> fastest_precision("cpu") in ("bf16-mixed", "32-true")
+    True
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import torch
+
+__all__ = ["device_type_of", "emulated_bf16_warning", "fastest_precision", "native_bf16"]
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` (``cpu`` or ``cuda``) computes in bf16 in hardware.
+
+    On x86 CPUs that means AVX-512 bf16 or AMX; on Arm CPUs the bf16 extension. A torch that
+    cannot tell counts as no: 32-true is never the slow choice.
+    """
+    try:
+        if device_type == "cuda":
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported(
+                including_emulation=False
+            )
+        if device_type == "cpu":
+            if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+                return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError, TypeError):
+        pass
+    return False
+
+
+def fastest_precision(device_type: str) -> str | None:
+    """The fastest Lightning precision that keeps accuracy on this machine's ``device_type``.
+
+    ``bf16-mixed`` where the hardware has bf16; otherwise ``32-true`` on a CPU and ``16-mixed``
+    on a CUDA GPU. ``None`` (Lightning's own default) for other accelerators, which were not
+    measured.
+
+    Example, for a notebook::
+
+        trainer = pl.Trainer(accelerator="cpu", precision=fastest_precision("cpu"))
+    """
+    if device_type not in ("cpu", "cuda"):
+        return None
+    if native_bf16(device_type):
+        return "bf16-mixed"
+    return "16-mixed" if device_type == "cuda" else "32-true"
+
+
+def device_type_of(accelerator: Any) -> str:
+    """The torch device type a Trainer's ``accelerator`` argument will train on."""
+    if not isinstance(accelerator, str):
+        name = type(accelerator).__name__.lower()
+        return "cuda" if "cuda" in name else "cpu" if "cpu" in name else name
+    name = accelerator.lower()
+    if name in ("auto", "gpu"):
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        if torch.cuda.is_available():
+            return "cuda"
+        return "cpu" if name == "auto" else "gpu"
+    return name
+
+
+def emulated_bf16_warning(precision: Any, device_type: str) -> str | None:
+    """A warning when bf16 was asked for on a CPU that would only emulate it, else ``None``."""
+    if device_type != "cpu" or "bf16" not in str(precision) or native_bf16("cpu"):
+        return None
+    return (
+        f"precision={precision} on a CPU without bf16 instructions (no AVX-512 bf16 or AMX): "
+        f"oneDNN emulates bf16 there, which ran VGG16 about 7x slower than 32-true on an AVX2 "
+        f"machine. Use --trainer.precision 32-true, or leave it unset to let tlfinetune pick "
+        f"the fastest precision for this machine."
+    )
