@@ -173,6 +173,13 @@ def cli_error(tmp_path, *args):
     return proc.returncode, proc.stderr
 
 
+def test_the_command_exits_with_the_message_and_no_traceback(tmp_path):
+    args = ("fit", "--model.weights=none", "--data.root=missing_folder")
+    code, err = cli_error(tmp_path, *args, "--trainer.max_epochs=1")
+    assert code == 2
+    assert "missing_folder" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -191,8 +198,13 @@ def cli_error(tmp_path, *args):
         (["--data.root=demo", "--ckpt_path=last"], ["last.ckpt", "nothing to resume"]),
     ],
 )
-def test_errors_exit_nonzero_with_a_message(tmp_path, args, words):
-    code, err = cli_error(tmp_path, "fit", "--model.weights=none", *args, "--trainer.max_epochs=1")
+def test_errors_exit_nonzero_with_a_message(tmp_path, monkeypatch, capsys, args, words):
+    # The entry point of `python -m tlfinetune`, in this process: starting an interpreter per
+    # case costs ~12 s of imports here; the test above covers the command itself.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--model.weights=none", *args, "--trainer.max_epochs=1"])
+    code, err = stop.value.code, capsys.readouterr().err
     assert code != 0
     assert "Traceback" not in err
     for w in words:

@@ -193,8 +193,9 @@ class TLFinetuneCLI(LightningCLI):
         chosen = fastest_precision(device)
         if chosen is not None:
             has = "has" if native_bf16(device) else "has no"
+            what = "GPU" if device == "cuda" else device.upper()
             log.info(
-                f"Precision {chosen}: the fastest that keeps accuracy on this {device.upper()}, "
+                f"Precision {chosen}: the fastest that keeps accuracy on this {what}, "
                 f"which {has} native bf16 (--trainer.precision sets another)."
             )
         return chosen
