@@ -31,7 +31,7 @@ from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.module import TransferClassifier
-from tlfinetune.precision import device_type_of, fastest_precision, native_bf16
+from tlfinetune.precision import device_type_of, fastest_precision
 from tlfinetune.predict import PredictionWriter
 from tlfinetune.report import EvaluationReport, LearningCurves
 from tlfinetune.runs import (
@@ -192,7 +192,7 @@ class TLFinetuneCLI(LightningCLI):
         device = device_type_of(accelerator or "auto")
         chosen = fastest_precision(device)
         if chosen is not None:
-            has = "has" if native_bf16(device) else "has no"
+            has = "has" if chosen == "bf16-mixed" else "has no"  # bf16 is chosen only if native
             what = "GPU" if device == "cuda" else device.upper()
             log.info(
                 f"Precision {chosen}: the fastest that keeps accuracy on this {what}, "
