@@ -168,7 +168,7 @@ class FeatureCache(pl.Callback):
     def _schedule(self) -> Any:
         from tlfinetune.freeze import FreezeSchedule
 
-        return next(c for c in self._trainer.callbacks if isinstance(c, FreezeSchedule))
+        return FreezeSchedule.find(self._trainer)
 
     def _phase_starts(self) -> list[int]:
         return [start for _, start in self._schedule().resolve(

@@ -90,9 +90,16 @@ class FreezeSchedule(BaseFinetuning):
         self.unfreeze_from = unfreeze_from
         self.milestones = dict(sorted((milestones or {}).items()))
         self.backbone_lr_ratio = backbone_lr_ratio
-        self._steps: list[tuple[int, int]] = []  # (first epoch, first trainable module index)
+        # The resolved schedule, [(first epoch, first trainable module index), ...]; set at setup.
+        self.steps: list[tuple[int, int]] = []
         self._applied: int | None = None  # trainable_from currently in force
         self._restored_epoch: int | None = None
+
+    @staticmethod
+    def find(trainer: pl.Trainer | None) -> FreezeSchedule | None:
+        """The Trainer's FreezeSchedule, or None: the one way other parts reach the schedule."""
+        callbacks = trainer.callbacks if trainer is not None else []
+        return next((c for c in callbacks if isinstance(c, FreezeSchedule)), None)
 
     # --- the schedule as a function of the epoch -----------------------------------------------
 
@@ -118,19 +125,19 @@ class FreezeSchedule(BaseFinetuning):
 
     def trainable_from(self, epoch: int) -> int:
         """First backbone module index that trains at ``epoch`` (``len(backbone)``: none)."""
-        return [index for first, index in self._steps if first <= epoch][-1]
+        return [index for first, index in self.steps if first <= epoch][-1]
 
     # --- Lightning hooks -----------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Make every parameter that will ever train trainable, so optimizer and DDP see it."""
-        self._steps = self.resolve(pl_module.hparams.backbone, len(pl_module.backbone))
+        self.steps = self.resolve(pl_module.hparams.backbone, len(pl_module.backbone))
         if stage != "fit":
             return
         # Before the optimizer and the DDP wrapper exist: they must know every parameter that
         # will ever train. on_fit_start then freezes what is frozen at the starting epoch.
-        set_trainable_from(pl_module, self._steps[-1][1])
-        if len(self._steps) > 1 and hasattr(trainer.strategy, "_ddp_kwargs"):
+        set_trainable_from(pl_module, self.steps[-1][1])
+        if len(self.steps) > 1 and hasattr(trainer.strategy, "_ddp_kwargs"):
             # Parameters still frozen get no gradient; DDP must be told that is expected.
             trainer.strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
 
@@ -166,14 +173,14 @@ class FreezeSchedule(BaseFinetuning):
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule and where it stands, so a resumed run can check and restore it."""
-        return {"trainable_from": self._applied, "steps": self._steps, "epoch": self._epoch()}
+        return {"trainable_from": self._applied, "steps": self.steps, "epoch": self._epoch()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Remember the epoch the checkpoint was taken at; on_fit_start freezes for it."""
         self._restored_epoch = state_dict.get("epoch")
 
     def _epoch(self) -> int | None:
-        for first, index in reversed(self._steps):
+        for first, index in reversed(self.steps):
             if index == self._applied:
                 return first
         return None

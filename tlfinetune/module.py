@@ -221,16 +221,11 @@ class TransferClassifier(pl.LightningModule):
         """Add a FreezeSchedule (backbone frozen) and a FeatureCache when the Trainer has none."""
         callbacks = self._trainer.callbacks if self._trainer is not None else []
         extra: list[pl.Callback] = []
-        if not any(isinstance(c, FreezeSchedule) for c in callbacks):
+        if FreezeSchedule.find(self._trainer) is None:
             extra.append(FreezeSchedule())
         if not any(isinstance(c, FeatureCache) for c in callbacks):
             extra.append(FeatureCache(enabled=self.hparams.feature_cache))
         return extra
-
-    def _freeze_schedule(self) -> FreezeSchedule | None:
-        trainer = self._trainer
-        callbacks = trainer.callbacks if trainer is not None else []
-        return next((c for c in callbacks if isinstance(c, FreezeSchedule)), None)
 
     # --- forward -------------------------------------------------------------------------------
 
@@ -402,7 +397,7 @@ class TransferClassifier(pl.LightningModule):
         if body:
             groups.append({"params": body, "name": "backbone"})
         optimizer = self.optimizer(groups)
-        schedule = self._freeze_schedule()
+        schedule = FreezeSchedule.find(self._trainer)
         ratio = schedule.backbone_lr_ratio if schedule else 1.0
         if body:
             optimizer.param_groups[1]["lr"] = optimizer.param_groups[0]["lr"] * ratio

@@ -401,8 +401,8 @@ class LearningCurves(pl.Callback):
 
     @staticmethod
     def _label(trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> str:
-        schedule = next((c for c in trainer.callbacks if isinstance(c, FreezeSchedule)), None)
-        steps = dict(getattr(schedule, "_steps", []))
+        schedule = FreezeSchedule.find(trainer)
+        steps = dict(schedule.steps if schedule else [])
         backbone = pl_module.hparams.get("backbone")
         if epoch in steps and backbone is not None:
             index = steps[epoch]
