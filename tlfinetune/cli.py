@@ -68,7 +68,8 @@ class TLFinetuneCLI(LightningCLI):
             args=args,
             run=run,
             save_config_callback=RunConfig,
-            # The module builds its optimizer from trainable parameters (PITFALLS 4).
+            # Lightning's automatic optimizer would get every parameter, frozen ones included
+            # (Lightning #19032, #20743); the module builds its own from the trainable ones.
             auto_configure_optimizers=False,
             trainer_defaults={"default_root_dir": "runs"},
             parser_kwargs={"parser_mode": "yaml"},

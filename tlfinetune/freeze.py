@@ -15,10 +15,12 @@ The Keras recipe freezes layers with ``layer.trainable = False``. Here the same 
 ``unfreeze_from`` accepts a Keras layer index, a Keras layer name or a block name; the table that
 maps them to torchvision's module indices is in :mod:`tlfinetune.backbone`.
 
-Why this is not Lightning's ``BackboneFinetuning`` as it stands (shared/PITFALLS.md):
+Why this is a plain callback and not Lightning's ``BaseFinetuning`` / ``BackboneFinetuning``:
 
 - The trainable set is a pure function of the epoch, so a resumed run recomputes it from the
-  restored epoch instead of re-freezing everything (Lightning #21901).
+  restored epoch. ``BaseFinetuning`` re-runs ``freeze_before_training`` on resume and restores
+  the param groups but not ``requires_grad``, so an unfrozen backbone silently stops training
+  (Lightning #21901).
 - The optimizer gets every parameter that will *ever* train up front, in two fixed groups (head,
   backbone at ``lr * backbone_lr_ratio``). Parameters that are still frozen get no gradient, so
   torch optimizers skip them; no param group is ever added mid-training, so LR schedulers,
@@ -34,10 +36,9 @@ Why this is not Lightning's ``BackboneFinetuning`` as it stands (shared/PITFALLS
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 
 from tlfinetune.backbone import block_of, resolve_unfreeze_from
@@ -46,9 +47,22 @@ from tlfinetune.errors import ConfigError
 log = logging.getLogger(__name__)
 
 Regime = Literal["frozen", "partial", "full"]
+REGIMES: tuple[str, ...] = get_args(Regime)  # the one list of regimes (compare, CLI, messages)
 
 
-class FreezeSchedule(BaseFinetuning):
+def regime_start(regime: str, backbone: str, unfreeze_from: int | str, num_modules: int) -> int:
+    """First backbone module index that trains in ``regime`` (``num_modules``: none does).
+
+    ``unfreeze_from`` is resolved whatever the regime, so a typo in it fails in every regime.
+    """
+    partial = resolve_unfreeze_from(backbone, unfreeze_from)
+    starts = {"frozen": num_modules, "partial": partial, "full": 0}
+    if regime not in starts:
+        raise ConfigError(f"regime={regime!r} is not one of: {', '.join(REGIMES)}.")
+    return starts[regime]
+
+
+class FreezeSchedule(pl.Callback):
     """Freeze the backbone, or part of it, and unfreeze more of it at milestone epochs.
 
     Args:
@@ -78,9 +92,8 @@ class FreezeSchedule(BaseFinetuning):
         milestones: dict[int, int | str] | None = None,
         backbone_lr_ratio: float = 0.1,
     ) -> None:
-        super().__init__()
-        if regime not in ("frozen", "partial", "full"):
-            raise ConfigError(f"regime={regime!r} is not one of: frozen, partial, full.")
+        if regime not in REGIMES:
+            raise ConfigError(f"regime={regime!r} is not one of: {', '.join(REGIMES)}.")
         if not backbone_lr_ratio > 0:
             raise ConfigError(f"backbone_lr_ratio={backbone_lr_ratio} must be positive.")
         bad = [e for e in (milestones or {}) if not isinstance(e, int) or e < 0]
@@ -105,12 +118,7 @@ class FreezeSchedule(BaseFinetuning):
 
     def resolve(self, backbone: str, num_modules: int) -> list[tuple[int, int]]:
         """The schedule as ``[(epoch, trainable_from), ...]`` in torchvision module indices."""
-        start = {
-            "frozen": num_modules,
-            "partial": resolve_unfreeze_from(backbone, self.unfreeze_from),
-            "full": 0,
-        }[self.regime]
-        steps = [(0, start)]
+        steps = [(0, regime_start(self.regime, backbone, self.unfreeze_from, num_modules))]
         for epoch, spec in self.milestones.items():
             index = resolve_unfreeze_from(backbone, spec)
             prev_epoch, prev = steps[-1]
@@ -163,13 +171,6 @@ class FreezeSchedule(BaseFinetuning):
                 f"Epoch {epoch}: unfreezing {name} from module {index} ({block_of(name, index)})"
                 f" at lr x {self.backbone_lr_ratio}. {describe(pl_module, index)}"
             )
-
-    # BaseFinetuning's abstract hooks: the work is done in _apply.
-    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:  # noqa: D102
-        pass
-
-    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Any) -> None:  # noqa: D102
-        pass
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule and where it stands, so a resumed run can check and restore it."""
