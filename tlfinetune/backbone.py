@@ -57,8 +57,6 @@ class BackboneSpec:
     weights_enum: type[torchvision.models.WeightsEnum]
     layers: tuple[Layer, ...]
     num_modules: int  # len(features)
-    out_channels: int
-    state_dict_prefix: str = "features."  # where the backbone lives in torchvision's state dict
 
 
 def vgg_layers(cfg: list[int | str], batch_norm: bool) -> tuple[tuple[Layer, ...], int]:
@@ -93,7 +91,7 @@ def _vgg_features(cfg: str, batch_norm: bool) -> nn.Sequential:
 def _vgg(model: Callable[..., nn.Module], weights_enum: Any, cfg: str, bn: bool) -> BackboneSpec:
     layers, num_modules = vgg_layers(tv_vgg.cfgs[cfg], bn)
     features = functools.partial(_vgg_features, cfg, bn)
-    return BackboneSpec(features, model, weights_enum, layers, num_modules, out_channels=512)
+    return BackboneSpec(features, model, weights_enum, layers, num_modules)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -295,3 +293,52 @@ def weights_source(weights: str) -> str:
     if weights.lower() in ("imagenet", "none"):
         return weights.lower()
     return str(Path(weights).expanduser())
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What loading a backbone's weights tells the model.
+
+    Attributes:
+        origin: One line saying where the weights came from (logged, kept in checkpoints).
+        classifier: The pretrained classifier's tensors, keyed as in the torchvision model's
+            ``classifier`` (``"0.weight"``, ...), for the ``torchvision`` head; empty when the
+            weights are random or come from a tlfinetune checkpoint (its head is not reused).
+    """
+
+    origin: str
+    classifier: dict[str, torch.Tensor]
+
+
+def load_weights(backbone: nn.Module, name: str, weights: str) -> LoadedWeights:
+    """Load ``weights`` (``imagenet``, ``none`` or a file) into ``backbone``, built by ``name``.
+
+    Raises:
+        WeightsError: The weights cannot be read, or do not fit the backbone.
+    """
+    source = weights_source(weights)
+    if source == "none":
+        return LoadedWeights("none (random initialisation)", {})
+    if source == "imagenet":
+        raw, origin = load_imagenet_state_dict(name), f"imagenet ({imagenet_cache_file(name)})"
+    else:
+        raw, origin = read_weights_file(source), source
+    load_backbone_weights(backbone, name, backbone_state_dict(raw, source), source)
+    if "state_dict" in raw:  # a tlfinetune checkpoint: its head is for other classes
+        return LoadedWeights(origin, {})
+    classifier = {
+        k.removeprefix("classifier."): v for k, v in raw.items() if k.startswith("classifier.")
+    }
+    return LoadedWeights(origin, classifier)
+
+
+def feature_shape(backbone: nn.Module, name: str, image_size: int) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the feature map ``backbone`` makes from ``image_size`` images.
+
+    Measured with a zero image, as Keras derives it, rather than computed from the architecture.
+    """
+    with torch.no_grad():
+        c, h, w = backbone(torch.zeros(1, 3, image_size, image_size)).shape[1:]
+    if h == 0 or w == 0:
+        raise ConfigError(f"image_size={image_size} is too small for {name}: use 32 or more.")
+    return int(c), int(h), int(w)

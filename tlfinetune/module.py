@@ -28,7 +28,7 @@ from tlfinetune import backbone as bb
 from tlfinetune.cache import CachedBatch, FeatureCache
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
-from tlfinetune.head import HeadFactory, HeadName, flatten_head, gap_head, torchvision_head
+from tlfinetune.head import HeadFactory, HeadName, build_head
 from tlfinetune.precision import emulated_bf16_warning
 from tlfinetune.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -106,7 +106,8 @@ class TransferClassifier(pl.LightningModule):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
         self.backbone = bb.build_backbone(backbone)
-        self.weights_info = self._load_weights(weights)
+        self._weights = bb.load_weights(self.backbone, backbone, weights)
+        self.weights_info = self._weights.origin
         self.head: nn.Module | None = None
         if num_classes is not None and image_size is not None:
             self._build_head(num_classes, image_size)
@@ -115,59 +116,18 @@ class TransferClassifier(pl.LightningModule):
 
     # --- construction --------------------------------------------------------------------------
 
-    def _load_weights(self, weights: str) -> str:
-        """Load backbone weights; return a one-line description of where they came from."""
-        name = self.hparams.backbone
-        source = bb.weights_source(weights)
-        self._pretrained_classifier: dict[str, torch.Tensor] = {}
-        if source == "none":
-            return "none (random initialisation)"
-        if source == "imagenet":
-            raw, origin = (
-                bb.load_imagenet_state_dict(name),
-                f"imagenet ({bb.imagenet_cache_file(name)})",
-            )
-        else:
-            raw, origin = bb.read_weights_file(source), source
-        bb.load_backbone_weights(self.backbone, name, bb.backbone_state_dict(raw, source), source)
-        if "state_dict" not in raw:  # torchvision format: keep fc6/fc7 for the torchvision head
-            self._pretrained_classifier = {
-                k.removeprefix("classifier."): v
-                for k, v in raw.items()
-                if k.startswith("classifier.")
-            }
-        return origin
-
     def _build_head(self, num_classes: int, image_size: int) -> None:
         self._fill_hparams(num_classes=num_classes, image_size=image_size)
-        with torch.no_grad():  # the backbone's real feature map at this size, as Keras derives it
-            c, h, w = self.backbone(torch.zeros(1, 3, image_size, image_size)).shape[1:]
-        if h == 0 or w == 0:
-            raise ConfigError(
-                f"image_size={image_size} is too small for {self.hparams.backbone}: use 32 or more."
-            )
-        spec = self.head_spec
-        if spec == "flatten":
-            head = flatten_head(
-                c * h * w, num_classes, self.hparams.head_hidden, self.hparams.head_dropout
-            )
-        elif spec == "gap":
-            head = gap_head(c, num_classes, self.hparams.head_dropout)
-        elif spec == "torchvision":
-            classifier = bb.build_classifier(self.hparams.backbone)
-            if self._pretrained_classifier:  # fc6/fc7 from the same weights file; fc8 is new
-                keep = {
-                    k: v for k, v in self._pretrained_classifier.items() if not k.startswith("6.")
-                }
-                classifier.load_state_dict(keep, strict=False)
-            head = torchvision_head(classifier, num_classes)
-        elif callable(spec):
-            head = spec(c * h * w, num_classes)
-        else:
-            raise ConfigError(
-                f"head={spec!r} is not one of: flatten, gap, torchvision, or a class_path."
-            )
-        self.head = head
+        name = self.hparams.backbone
+        self.head = build_head(
+            self.head_spec,
+            bb.feature_shape(self.backbone, name, image_size),
+            num_classes,
+            hidden=self.hparams.head_hidden,
+            dropout=self.hparams.head_dropout,
+            backbone=name,
+            pretrained_classifier=self._weights.classifier,
+        )
         self.train_metrics = _metrics(num_classes, "train/")
         self.val_metrics = _metrics(num_classes, "val/")
         self.test_metrics = _metrics(num_classes, "test/")
