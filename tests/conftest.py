@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny images on disk, and a private cache folder for the demo dataset."""
+"""Shared fixtures: tiny images on disk, a private demo cache, the tlfinetune log records."""
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,3 +37,16 @@ def make_image() -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture
+def data_log(caplog):
+    """caplog for the tlfinetune loggers (which do not propagate to the root logger)."""
+    logger = logging.getLogger("tlfinetune")
+    attach = not logger.propagate  # tlfinetune/__init__ may give it its own handler
+    if attach:
+        logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="tlfinetune")
+    yield caplog
+    if attach:
+        logger.removeHandler(caplog.handler)

@@ -1,318 +1,31 @@
-import gc
+"""The datamodule: header scan of bad images, prediction and test splits, loaders, arguments."""
+
 import io
 import logging
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from datafiles import (
+    colour,
+    dm_kwargs,
+    file_set,
+    first_pixel,
+    random_nhwc,
+    tree,
+    truncated_jpeg_bytes,
+)
 from jsonargparse import ArgumentParser
 from PIL import Image
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
-import tlfinetune.data as data_module
-from tlfinetune.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EpochShuffleSampler,
-    ImageDataModule,
-    default_num_workers,
-    eval_transform,
-    stratified_split,
-    train_transform,
-)
-from tlfinetune.errors import DataError, TLFinetuneError
-
-# ---------------------------------------------------------------- helpers
-
-
-def colour(class_idx: int, i: int) -> tuple[int, int, int]:
-    """A colour that identifies (class, index) in a solid test image."""
-    return (10 + 40 * class_idx, 3 * i, 255 - 3 * i)
-
-
-def tree(root: Path, spec: dict[str, int], size: tuple[int, int] = (12, 10)) -> Path:
-    """Creates ``n`` solid PNGs in each folder ``rel`` of ``spec``; colours encode class/index."""
-    for class_idx, (rel, n) in enumerate(spec.items()):
-        folder = root / rel
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            pixels = np.empty((size[1], size[0], 3), np.uint8)
-            pixels[...] = colour(class_idx, i)
-            Image.fromarray(pixels).save(folder / f"img{i:03d}.png")
-    return root
-
-
-def dm_kwargs(**extra):
-    return {"image_size": 8, "batch_size": 4, "num_workers": 0, "augment": False, **extra}
-
-
-def file_set(dataset) -> set[Path]:
-    return set(dataset.files)
-
-
-def first_pixel(x: torch.Tensor) -> tuple[int, int, int]:
-    return tuple(int(v) for v in x[:, x.shape[1] // 2, x.shape[2] // 2])
-
-
-def truncated_jpeg_bytes(size=(32, 24)) -> bytes:
-    """A JPEG cut after its header, in the middle of the pixel data."""
-    buf = io.BytesIO()
-    pixels = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), np.uint8)
-    Image.fromarray(pixels).save(buf, "JPEG")
-    data = buf.getvalue()
-    return data[: len(data) * 2 // 3]
-
-
-def corrupt_png(path: Path) -> Path:
-    """A PNG whose header and end marker are fine but whose pixel data is broken."""
-    buf = io.BytesIO()
-    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)
-    Image.fromarray(pixels).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    start = data.index(b"IDAT") + 20
-    data[start : start + 40] = bytes(b ^ 0x55 for b in data[start : start + 40])
-    path.write_bytes(bytes(data))
-    return path
-
-
-@pytest.fixture
-def data_log(caplog):
-    """caplog for the tlfinetune loggers (which do not propagate to the root logger)."""
-    logger = logging.getLogger("tlfinetune")
-    attach = not logger.propagate  # tlfinetune/__init__ may give it its own handler
-    if attach:
-        logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="tlfinetune")
-    yield caplog
-    if attach:
-        logger.removeHandler(caplog.handler)
-
-
-# ---------------------------------------------------------------- transforms
-
-
-def test_preset_constants():
-    assert IMAGENET_MEAN == (0.485, 0.456, 0.406)
-    assert IMAGENET_STD == (0.229, 0.224, 0.225)
-
-
-def test_eval_transform_is_vgg_preset_without_normalisation():
-    x = torch.randint(
-        0, 256, (3, 60, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
-    out = eval_transform(32)(x)
-    assert type(out) is torch.Tensor and out.dtype == torch.uint8 and out.shape == (3, 32, 32)
-    expected = TF.center_crop(TF.resize(x, 37, antialias=True), 32)  # round(32 * 256 / 224)
-    assert torch.equal(out, expected)
-    assert eval_transform(224).resize_size == 256 and eval_transform(224).crop_size == 224
-
-
-@pytest.mark.parametrize("shape", [(3, 60, 90), (3, 90, 60), (3, 20, 30), (3, 64, 64), (1, 50, 40)])
-def test_eval_transform_gives_the_pixels_of_torchvisions_v2_pipeline(shape):
-    # ResizeCenterCrop calls torchvision's kernels directly for speed; it must not change a pixel
-    # against the v2 pipeline it replaces, for tensors, tv_tensors and PIL images alike.
-    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    reference = v2.Compose(
-        [v2.ToImage(), v2.Resize(37, antialias=True), v2.CenterCrop(32), v2.ToPureTensor()]
-    )
-    out = eval_transform(32)(x)
-    assert type(out) is torch.Tensor and torch.equal(out, reference(x))
-    assert torch.equal(eval_transform(32)(tv_tensors.Image(x)), out)
-    if shape[0] == 3:
-        pil = TF.to_pil_image(x)
-        assert torch.equal(eval_transform(32)(pil), reference(pil))
-
-
-def test_train_transform_without_augment_equals_eval():
-    x = torch.randint(
-        0, 256, (3, 40, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
-    )
-    plain = train_transform(24, augment=False)
-    assert torch.equal(plain(x), eval_transform(24)(x))
-    assert torch.equal(plain(x), plain(x))
-    torch.manual_seed(0)
-    augmented = train_transform(24, augment=True)
-    outs = [augmented(x) for _ in range(4)]
-    assert all(o.shape == (3, 24, 24) and o.dtype == torch.uint8 for o in outs)
-    assert any(not torch.equal(outs[0], o) for o in outs[1:])
-    kinds = [type(t) for t in train_transform(24, True, trivial_augment=True).transforms]
-    assert v2.RandomResizedCrop in kinds and v2.RandomHorizontalFlip in kinds
-    assert v2.TrivialAugmentWide in kinds
-    assert v2.TrivialAugmentWide not in [type(t) for t in augmented.transforms]
-
-
-def test_datamodule_train_images_equal_eval_images_without_augment(tmp_path):
-    tree(tmp_path, {"a": 3, "b": 3})
-    dm = ImageDataModule(root=tmp_path, **dm_kwargs(image_size=16))
-    dm.setup("fit")
-    x, label = dm.train_dataset[0]
-    path = dm.train_dataset.files[0]
-    reference = eval_transform(16)(TF.pil_to_tensor(Image.open(path).convert("RGB")))
-    assert torch.equal(x, reference) and isinstance(label, int)
-
-
-# ---------------------------------------------------------------- folder sources
-
-
-def test_folder_with_train_val_test(tmp_path):
-    tree(tmp_path, {"train/cat": 3, "train/dog": 2, "val/cat": 1, "val/dog": 2, "test/dog": 1})
-    dm = ImageDataModule(root=str(tmp_path), **dm_kwargs())
-    assert dm.class_names == ["cat", "dog"] and dm.num_classes == 2
-    assert dm.class_to_idx == {"cat": 0, "dog": 1}
-    dm.setup("fit")
-    assert len(dm.train_dataset) == 5 and len(dm.val_dataset) == 3
-    assert dm.train_dataset.labels == [0, 0, 0, 1, 1]
-    assert all("/train/" in p.as_posix() for p in dm.train_dataset.files)
-    assert all("/val/" in p.as_posix() for p in dm.val_dataset.files)
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.dtype == torch.uint8 and x.shape == (4, 3, 8, 8) and y.dtype == torch.int64
-    assert dm.test_dataset is None
-    dm.setup("test")
-    assert [p.name for p in dm.test_dataset.files] == ["img000.png"]
-    assert dm.test_dataset.labels == [1]
-    assert len(list(dm.test_dataloader())) == 1
-
-
-def test_train_folder_without_val_is_split_and_valid_alias(tmp_path):
-    tree(tmp_path / "a", {"train/x": 5, "train/y": 5})
-    dm = ImageDataModule(root=tmp_path / "a", val_split=0.4, **dm_kwargs())
-    dm.setup("fit")
-    assert (len(dm.train_dataset), len(dm.val_dataset)) == (6, 4)
-    tree(tmp_path / "b", {"train/x": 2, "train/y": 2, "valid/x": 1})
-    dm = ImageDataModule(root=tmp_path / "b", **dm_kwargs())
-    dm.setup("fit")
-    assert len(dm.val_dataset) == 1 and dm.val_dataset.labels == [0]
-
-
-def test_single_folder_split_is_stratified_deterministic_and_leak_free(tmp_path):
-    tree(tmp_path, {"a": 10, "b": 20, "c": 5})
-    splits = {}
-    for seed in (0, 0, 1):
-        dm = ImageDataModule(root=tmp_path, seed=seed, val_split=0.2, **dm_kwargs())
-        dm.setup("fit")
-        train, val = file_set(dm.train_dataset), file_set(dm.val_dataset)
-        assert not train & val
-        assert len(train | val) == 35
-        counts = np.bincount(dm.val_dataset.labels, minlength=3).tolist()
-        assert counts == [2, 4, 1]
-        assert np.bincount(dm.train_dataset.labels).tolist() == [8, 16, 4]
-        splits.setdefault(seed, []).append(val)
-    assert splits[0][0] == splits[0][1]
-    assert splits[0][0] != splits[1][0]
-
-
-def test_stratified_split_function():
-    labels = [0] * 10 + [1] * 3 + [2] * 1
-    train, val = stratified_split(labels, 0.3, seed=5)
-    assert sorted(train + val) == list(range(14)) and not set(train) & set(val)
-    val_labels = [labels[i] for i in val]
-    assert val_labels.count(0) == 3 and val_labels.count(1) == 1 and val_labels.count(2) == 0
-    assert stratified_split(labels, 0.3, seed=5) == (train, val)
-    # A class's split depends on its own members only, not on the other classes.
-    _, val_b = stratified_split([0] * 10 + [1] * 7, 0.3, seed=5)
-    assert [i for i in val_b if i < 10] == [i for i in val if i < 10]
-    with pytest.raises(DataError, match="val_split"):
-        stratified_split(labels, 1.0)
-
-
-def test_recursion_hidden_folders_and_non_image_files(tmp_path, make_image):
-    tree(tmp_path, {"train/cat": 2, "train/dog": 2, "val/cat": 1, "val/dog": 1})
-    make_image(tmp_path / "train" / "cat" / "indoor" / "deep" / "more.png")
-    make_image(tmp_path / "train" / ".ipynb_checkpoints" / "x.png")
-    make_image(tmp_path / "train" / "cat" / ".ipynb_checkpoints" / "copy.png")
-    make_image(tmp_path / ".git" / "y.png")
-    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
-    (tmp_path / "train" / "dog" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
-    (tmp_path / "train" / "dog" / "labels.json").write_text("{}")
-    dm = ImageDataModule(root=tmp_path, **dm_kwargs())
-    assert dm.class_names == ["cat", "dog"]
-    dm.setup("fit")
-    names = sorted(p.relative_to(tmp_path).as_posix() for p in dm.train_dataset.files)
-    assert names == [
-        "train/cat/img000.png",
-        "train/cat/img001.png",
-        "train/cat/indoor/deep/more.png",
-        "train/dog/img000.png",
-        "train/dog/img001.png",
-    ]
-
-
-def test_class_order_is_sorted_folder_names(tmp_path):
-    tree(tmp_path, {"b": 2, "A": 2, "a10": 2, "a2": 2})
-    assert ImageDataModule(root=tmp_path, **dm_kwargs()).class_names == ["A", "a10", "a2", "b"]
-
-
-def test_class_names_need_no_image_decoding(tmp_path):
-    tree(tmp_path, {"a": 2, "b": 2})
-    (tmp_path / "a" / "broken.jpg").write_bytes(b"nope")
-    dm = ImageDataModule(root=tmp_path, **dm_kwargs())
-    assert dm.num_classes == 2  # available before setup; the bad file is found by setup
-    with pytest.raises(DataError, match="broken.jpg"):
-        dm.setup("fit")
-
-
-# ---------------------------------------------------------------- folder errors
-
-
-def test_missing_root(tmp_path):
-    with pytest.raises(DataError, match="nowhere") as exc:
-        _ = ImageDataModule(root=tmp_path / "nowhere", **dm_kwargs()).num_classes
-    assert isinstance(exc.value, TLFinetuneError)
-    with pytest.raises(DataError, match="data.root"):
-        _ = ImageDataModule(**dm_kwargs()).class_names
-
-
-def test_root_that_is_a_file(tmp_path, make_image):
-    path = make_image(tmp_path / "one.png")
-    with pytest.raises(DataError, match="one.png.*not a folder"):
-        _ = ImageDataModule(root=path).class_names
-
-
-def test_root_without_class_folders(tmp_path, make_image):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="empty.*no class folders"):
-        _ = ImageDataModule(root=tmp_path / "empty").class_names
-    make_image(tmp_path / "loose" / "a.png")
-    (tmp_path / "loose" / ".ipynb_checkpoints").mkdir()
-    with pytest.raises(DataError, match="loose.*1 images directly"):
-        _ = ImageDataModule(root=tmp_path / "loose").class_names
-
-
-def test_root_with_class_folders_but_no_images(tmp_path):
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "readme.txt").write_text("x")
-    with pytest.raises(DataError, match=f"{tmp_path}.*no images"):
-        _ = ImageDataModule(root=tmp_path).class_names
-
-
-def test_class_folder_without_images_is_named(tmp_path):
-    tree(tmp_path, {"train/a": 2, "train/b": 2})
-    (tmp_path / "train" / "ghost").mkdir()
-    (tmp_path / "train" / "ghost" / "notes.txt").write_text("x")
-    with pytest.raises(DataError, match=r"train/ghost has no images"):
-        _ = ImageDataModule(root=tmp_path).class_names
-
-
-def test_val_and_test_classes_must_exist_in_train(tmp_path):
-    tree(tmp_path, {"train/a": 2, "train/b": 2, "val/a": 1, "val/zebra": 1})
-    with pytest.raises(DataError, match=r"val/zebra"):
-        _ = ImageDataModule(root=tmp_path).class_names
-    tree(tmp_path / "t", {"train/a": 2, "train/b": 2, "test/b": 1, "test/yak": 1})
-    with pytest.raises(DataError, match=r"test/yak"):
-        _ = ImageDataModule(root=tmp_path / "t").class_names
-
-
-def test_single_class_is_an_error(tmp_path):
-    tree(tmp_path, {"only": 4})
-    with pytest.raises(DataError, match="single class"):
-        _ = ImageDataModule(root=tmp_path).class_names
+import tlfinetune.machine as machine
+from tlfinetune.data import ImageDataModule
+from tlfinetune.errors import DataError
+from tlfinetune.machine import default_num_workers
+from tlfinetune.sampling import EpochShuffleSampler
 
 
 def test_corrupt_and_truncated_images_are_named_before_training(tmp_path):
@@ -409,227 +122,6 @@ def test_all_images_of_a_class_bad_with_skip(tmp_path):
         dm.setup("fit")
 
 
-def test_decode_failure_while_loading_names_the_file(tmp_path):
-    tree(tmp_path, {"a": 3, "b": 3})
-    corrupt_png(tmp_path / "a" / "broken.png")
-    dm = ImageDataModule(root=tmp_path, val_split=0.01, **dm_kwargs())
-    dm.setup("fit")  # the header scan cannot see it
-    with pytest.raises(DataError, match="broken.png"):
-        list(dm.train_dataloader())
-
-
-def test_decode_failure_in_a_worker_process_keeps_type_and_file_name(tmp_path, monkeypatch):
-    # PyTorch waits this long for a worker that has raised to exit; keep the test quick.
-    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2)
-    tree(tmp_path, {"a": 3, "b": 3})
-    corrupt_png(tmp_path / "a" / "broken.png")
-    dm = ImageDataModule(root=tmp_path, val_split=0.01, **dm_kwargs(num_workers=1))
-    dm.setup("fit")
-    loader = dm.train_dataloader()
-    with pytest.raises(DataError, match="broken.png") as exc:
-        list(loader)
-    assert "worker process" in str(exc.value)  # PyTorch's wrapping; the file name survives it
-    del exc, loader
-    gc.collect()
-
-
-def test_decode_failure_with_skip_substitutes_and_lists(tmp_path, data_log):
-    data = tree(tmp_path / "d", {"a": 3, "b": 3})
-    broken = corrupt_png(data / "a" / "broken.png")
-    log_file = tmp_path / "bad.txt"
-    dm = ImageDataModule(
-        root=data, val_split=0.01, skip_bad_images=True, bad_images_log=log_file, **dm_kwargs()
-    )
-    dm.setup("fit")
-    position = dm.train_dataset.files.index(broken)
-    x, label = dm.train_dataset[position]
-    assert x.shape == (3, 8, 8)
-    assert label == dm.train_dataset.labels[position + 1]
-    batches = list(dm.train_dataloader())
-    assert sum(len(b[1]) for b in batches) == len(dm.train_dataset)  # batches keep their size
-    assert log_file.read_text().split() == [str(broken)]
-    assert any("broken.png" in r.getMessage() for r in data_log.records)
-
-
-# ---------------------------------------------------------------- CSV sources
-
-
-def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "path,label") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join([header, *(f"{p},{label}" for p, label in rows)]) + "\n")
-    return path
-
-
-def test_csv_sources(tmp_path, make_image):
-    for i in range(4):
-        make_image(tmp_path / "imgs" / f"c{i}.png", colour(0, i))
-        make_image(tmp_path / "imgs" / f"d{i}.png", colour(1, i))
-    absolute = make_image(tmp_path / "elsewhere" / "abs.png")
-    train = write_csv(
-        tmp_path / "train.csv",
-        [(f"imgs/c{i}.png", "cat") for i in range(3)]
-        + [(f"imgs/d{i}.png", "dog") for i in range(3)]
-        + [(str(absolute), "dog")],
-    )
-    val = write_csv(tmp_path / "val.csv", [("imgs/c3.png", "cat"), ("imgs/d3.png", "dog")])
-    test = write_csv(tmp_path / "test.csv", [("imgs/d3.png", "dog")])
-    dm = ImageDataModule(train_csv=train, val_csv=val, test_csv=test, **dm_kwargs())
-    assert dm.class_names == ["cat", "dog"]
-    dm.setup("fit")
-    dm.setup("test")
-    assert len(dm.train_dataset) == 7 and dm.train_dataset.labels.count(1) == 4
-    assert [p.name for p in dm.val_dataset.files] == ["c3.png", "d3.png"]
-    assert dm.val_dataset.labels == [0, 1] and dm.test_dataset.labels == [1]
-    x, y = dm.val_dataset[0]
-    assert first_pixel(x) == colour(0, 3)
-
-
-def test_csv_without_val_is_split_and_numeric_labels_sort_numerically(tmp_path, make_image):
-    rows = []
-    for label in ("2", "10"):
-        for i in range(5):
-            make_image(tmp_path / label / f"{i}.png")
-            rows.append((f"{label}/{i}.png", label))
-    train = write_csv(tmp_path / "train.csv", rows)
-    dm = ImageDataModule(train_csv=train, val_split=0.2, **dm_kwargs())
-    assert dm.class_names == ["2", "10"]
-    dm.setup("fit")
-    assert len(dm.val_dataset) == 2 and sorted(dm.val_dataset.labels) == [0, 1]
-
-
-def test_csv_missing_file_names_csv_and_row(tmp_path, make_image):
-    for name in "abcdef":
-        make_image(tmp_path / f"{name}.png")
-    train = write_csv(
-        tmp_path / "train.csv",
-        [("a.png", "x"), ("missing.png", "x"), ("b.png", "x"), ("c.png", "x")]
-        + [("d.png", "y"), ("e.png", "y"), ("f.png", "y")],
-    )
-    dm = ImageDataModule(train_csv=train, val_split=0.01, **dm_kwargs())
-    with pytest.raises(DataError, match=r"train\.csv row 2 \(line 3\).*missing\.png"):
-        dm.setup("fit")
-    dm = ImageDataModule(
-        train_csv=train, val_split=0.01, skip_bad_images=True, bad_images_log=tmp_path / "bad"
-    )
-    dm.setup("fit")
-    assert dm.bad_images == [tmp_path / "missing.png"]
-
-
-def test_csv_unknown_label_names_csv_and_row(tmp_path, make_image):
-    for n in "abcd":
-        make_image(tmp_path / f"{n}.png")
-    train = write_csv(tmp_path / "train.csv", [("a.png", "x"), ("b.png", "y")])
-    val = write_csv(tmp_path / "val.csv", [("c.png", "x"), ("d.png", "zebra")])
-    with pytest.raises(DataError, match=r"val\.csv row 2 \(line 3\).*'zebra'"):
-        _ = ImageDataModule(train_csv=train, val_csv=val).class_names
-
-
-def test_csv_format_errors(tmp_path, make_image):
-    make_image(tmp_path / "a.png")
-    no_header = tmp_path / "nohead.csv"
-    no_header.write_text("a.png,x\na.png,y\n")
-    with pytest.raises(DataError, match=r"nohead\.csv.*path,label"):
-        _ = ImageDataModule(train_csv=no_header).class_names
-    with pytest.raises(DataError, match=r"absent\.csv"):
-        _ = ImageDataModule(train_csv=tmp_path / "absent.csv").class_names
-    empty_label = write_csv(tmp_path / "e.csv", [("a.png", "x"), ("a.png", " ")])
-    with pytest.raises(DataError, match=r"e\.csv row 2 .*empty label"):
-        _ = ImageDataModule(train_csv=empty_label).class_names
-    with pytest.raises(DataError, match="choose one"):
-        ImageDataModule(root=tmp_path, train_csv=empty_label)
-    with pytest.raises(DataError, match="train_csv"):
-        ImageDataModule(val_csv=empty_label)
-
-
-# ---------------------------------------------------------------- array sources
-
-
-def random_nhwc(n=12, h=10, w=9, seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-
-
-def all_items(dataset) -> tuple[torch.Tensor, list[int]]:
-    xs, ys = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
-    return torch.stack(xs), list(ys)
-
-
-def test_arrays_uint8_with_validation_data():
-    x, y = random_nhwc(), np.arange(12) % 3
-    xv, yv = random_nhwc(4, seed=1), np.array([0, 1, 2, 2])
-    dm = ImageDataModule.from_arrays(x, y, xv, yv, **dm_kwargs())
-    assert dm.class_names == ["0", "1", "2"] and dm.num_classes == 3
-    dm.setup("fit")
-    assert len(dm.train_dataset) == 12 and len(dm.val_dataset) == 4
-    images, labels = next(iter(dm.val_dataloader()))
-    assert images.dtype == torch.uint8 and images.shape == (4, 3, 8, 8)
-    assert labels.tolist() == [0, 1, 2, 2]
-    raw = torch.from_numpy(xv[2]).permute(2, 0, 1)
-    assert torch.equal(images[2], eval_transform(8)(raw))
-
-
-def test_array_dtypes_and_one_hot_give_the_same_data():
-    x, y = random_nhwc(), np.arange(12) % 3
-    reference = ImageDataModule.from_arrays(x, y, **dm_kwargs())
-    reference.setup("fit")
-    ref_train = all_items(reference.train_dataset)
-    variants = [
-        (x.astype(np.float32) / 255, y),
-        (x.astype(np.float64), y),
-        (torch.from_numpy(x), torch.from_numpy(y)),
-        (torch.from_numpy(x).float() / 255, torch.from_numpy(y)),
-        (x, np.eye(3)[y]),
-        (x, torch.nn.functional.one_hot(torch.from_numpy(y), 3)),
-        (x, y[:, None]),
-    ]
-    for xs, ys in variants:
-        dm = ImageDataModule.from_arrays(xs, ys, **dm_kwargs())
-        dm.setup("fit")
-        got = all_items(dm.train_dataset)
-        assert torch.equal(got[0], ref_train[0]) and got[1] == ref_train[1]
-
-
-def test_one_hot_width_sets_the_number_of_classes_and_names():
-    x = random_nhwc(8)
-    y = np.eye(4)[[0, 1, 2, 0, 1, 2, 0, 1]]  # class 3 never occurs
-    dm = ImageDataModule.from_arrays(x, y, **dm_kwargs())
-    assert dm.num_classes == 4
-    named = ImageDataModule.from_arrays(
-        x, y.argmax(1), class_names=["w", "x", "y", "z"], **dm_kwargs()
-    )
-    assert named.class_names == ["w", "x", "y", "z"]
-
-
-def test_grayscale_arrays_and_split_by_val_split():
-    x = np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8)
-    y = np.array([0] * 10 + [1] * 10)
-    dm = ImageDataModule.from_arrays(x, y, val_split=0.3, **dm_kwargs())
-    dm.setup("fit")
-    assert len(dm.val_dataset) == 6 and sorted(dm.val_dataset.labels) == [0, 0, 0, 1, 1, 1]
-    image, _ = dm.train_dataset[0]
-    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
-
-
-def test_array_errors():
-    x, y = random_nhwc(), np.arange(12) % 3
-    with pytest.raises(DataError, match="NCHW"):
-        _ = ImageDataModule.from_arrays(np.moveaxis(x, -1, 1).copy(), y).class_names
-    with pytest.raises(DataError, match="train_labels has 11 labels"):
-        _ = ImageDataModule.from_arrays(x, y[:11]).class_names
-    with pytest.raises(DataError, match=r"label 5.*3 classes"):
-        _ = ImageDataModule.from_arrays(
-            x, y, class_names=["a", "b", "c"], val_images=x[:2], val_labels=[0, 5]
-        ).class_names
-    with pytest.raises(DataError, match=r"train_images has values in \[-1"):
-        _ = ImageDataModule.from_arrays(x.astype(np.float32) / 128 - 1, y).class_names
-    with pytest.raises(DataError, match="val_labels"):
-        _ = ImageDataModule.from_arrays(x, y, val_images=x).class_names
-    with pytest.raises(DataError, match="root"):
-        ImageDataModule.from_arrays(x, y, root="demo")
-
-
-# ---------------------------------------------------------------- prediction
-
-
 def test_predict_dir_recursive_sorted_with_indices(tmp_path, make_image):
     tree(tmp_path / "data", {"a": 2, "b": 2})
     shots = tmp_path / "shots"
@@ -705,9 +197,6 @@ def test_state_dict_round_trip_and_mismatch(tmp_path):
         dm.load_state_dict({"class_names": ["a", "c"]})
 
 
-# ---------------------------------------------------------------- test split
-
-
 def test_test_requested_without_test_split(tmp_path):
     tree(tmp_path, {"train/a": 3, "train/b": 3, "val/a": 1, "val/b": 1})
     dm = ImageDataModule(root=tmp_path, **dm_kwargs())
@@ -729,23 +218,6 @@ def test_testing_a_plain_class_folder_uses_all_its_images(tmp_path):
     assert len(dm.test_dataset) == 7
     labels = sorted(int(y) for _, y in dm.test_dataloader().dataset)
     assert labels == [0, 0, 0, 1, 1, 1, 1]
-
-
-# ---------------------------------------------------------------- order and loaders
-
-
-def test_sampler_order_depends_only_on_seed_and_epoch():
-    fresh = EpochShuffleSampler(50, seed=7)
-    fresh.set_epoch(3)
-    used = EpochShuffleSampler(50, seed=7)
-    for epoch in range(3):
-        used.set_epoch(epoch)
-        list(used)
-    used.set_epoch(3)
-    assert list(fresh) == list(used) == fresh.permutation(3)
-    assert sorted(fresh) == list(range(50)) and len(fresh) == 50
-    assert list(fresh) != fresh.permutation(4)
-    assert fresh.permutation(3) != EpochShuffleSampler(50, seed=8).permutation(3)
 
 
 def fake_trainer(epoch: int, device: str = "cpu") -> SimpleNamespace:
@@ -865,24 +337,8 @@ def test_hyperparameters_hold_no_path_objects(tmp_path):
     assert torch.load(buffer, weights_only=True)["datamodule_hyper_parameters"]["seed"] == 0
 
 
-def test_default_num_workers(monkeypatch):
-    # On a GPU every core but the training process's own: decoding is what a GPU waits for.
-    for cpus, expected in ((1, 0), (2, 1), (3, 2), (16, 15), (17, 16), (128, 16)):
-        monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
-        assert default_num_workers() == expected
-    monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda _pid: set(range(8)))
-    assert default_num_workers(processes_per_node=4) == 1
-    # Training on the CPU: only the cores its compute threads leave free.
-    assert default_num_workers(compute_threads=8) == 0
-    assert default_num_workers(compute_threads=16) == 0
-    assert default_num_workers(compute_threads=6) == 2
-    assert default_num_workers(compute_threads=2) == 6
-    monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda _pid: set(range(64)))
-    assert default_num_workers(processes_per_node=8) == 7  # 8 DDP ranks on 64 cores
-
-
 def test_default_workers_leave_the_cores_to_cpu_training(monkeypatch):
-    monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda _pid: set(range(2)))
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda _pid: set(range(2)))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     x, y = random_nhwc(), np.arange(12) % 3
     dm = ImageDataModule.from_arrays(x, y, image_size=8, batch_size=4, num_workers=None)
@@ -912,9 +368,6 @@ def test_loader_settings(tmp_path):
     assert not zero.val_dataloader().persistent_workers
     auto = ImageDataModule.from_arrays(x, y, image_size=8, num_workers=None)
     assert auto._resolved_num_workers() == default_num_workers()
-
-
-# ---------------------------------------------------------------- arguments
 
 
 def test_invalid_arguments():

@@ -12,8 +12,8 @@ import logging as _logging
 from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import ConfigError, DataError, TLFinetuneError, WeightsError
 from tlfinetune.freeze import FreezeSchedule
+from tlfinetune.machine import fastest_precision
 from tlfinetune.module import TransferClassifier
-from tlfinetune.precision import fastest_precision
 
 # Like Lightning does for its own logger: show our INFO lines unless the application configured
 # logging itself.

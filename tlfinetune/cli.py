@@ -30,8 +30,8 @@ from lightning.pytorch.cli import (
 from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
+from tlfinetune.machine import device_type_of, fastest_precision
 from tlfinetune.module import TransferClassifier
-from tlfinetune.precision import device_type_of, fastest_precision
 from tlfinetune.predict import PredictionWriter
 from tlfinetune.report import EvaluationReport, LearningCurves
 from tlfinetune.runs import (

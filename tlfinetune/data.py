@@ -2,9 +2,10 @@
 
 Batches are ``(images, labels)`` with ``images`` a ``torch.uint8`` tensor of shape
 ``(B, 3, image_size, image_size)`` (RGB, *not* normalised: the model converts to float and
-normalises with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`, so that checkpoints and exported
-models carry their own normalisation) and ``labels`` an ``int64`` tensor. Predict batches are
-``(images, indices)``, where ``indices`` are positions in :attr:`ImageDataModule.predict_files`.
+normalises with :data:`~tlfinetune.transforms.IMAGENET_MEAN` and ``IMAGENET_STD``, so that
+checkpoints and exported models carry their own normalisation) and ``labels`` an ``int64``
+tensor. Predict batches are ``(images, indices)``, where ``indices`` are positions in
+:attr:`ImageDataModule.predict_files`.
 
 Sources (exactly one of them):
 
@@ -21,15 +22,10 @@ Bad input (missing folders, empty classes, unreadable or truncated images, decom
 unknown labels, missing files named by a CSV) raises :class:`~tlfinetune.errors.DataError` with a
 message that names the culprit; see :class:`ImageDataModule` for ``skip_bad_images``.
 
-The pieces the datamodule is built from live in their own modules; the public names are
-re-exported here, so ``from tlfinetune.data import ...`` keeps working:
-
-* :mod:`tlfinetune.transforms`: :data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`,
-  :func:`eval_resize_size`, :func:`eval_transform` and :func:`train_transform`.
-* :mod:`tlfinetune.sampling`: :class:`EpochShuffleSampler` and :func:`stratified_split`.
-* :mod:`tlfinetune.datasets`: :class:`ImageFileDataset`, :class:`ArrayDataset` and
-  :class:`IndexedDataset`.
-* :mod:`tlfinetune.sources`: reading class folders, CSV files and arrays into labelled splits.
+The datamodule wires pieces that each live in their own module: :mod:`tlfinetune.sources`
+and :mod:`tlfinetune.arrays` find the images and split them, :mod:`tlfinetune.datasets` reads
+them, :mod:`tlfinetune.transforms` resizes and augments them, :mod:`tlfinetune.sampling` orders
+them, and :mod:`tlfinetune.machine` says how many loader workers this machine affords.
 """
 
 import logging
@@ -41,101 +37,24 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tlfinetune.datasets import ArrayDataset, ImageFileDataset, IndexedDataset, _append_lines
+from tlfinetune.arrays import index_arrays
+from tlfinetune.datasets import ArrayDataset, ImageFileDataset, IndexedDataset, append_lines
 from tlfinetune.demo import ensure_demo_dataset
 from tlfinetune.errors import DataError
 from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, list_images, probe_image
-from tlfinetune.sampling import EpochShuffleSampler, stratified_split
-from tlfinetune.sources import (
-    _LIST_IN_MESSAGE,
-    _images_to_tensor,
-    _Index,
-    _labels_to_ints,
-    _natural_class_order,
-    _read_csv,
-    _scan_class_folders,
-    _Split,
-    _visible_dirs,
-)
-from tlfinetune.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    eval_resize_size,
-    eval_transform,
-    train_transform,
-)
+from tlfinetune.machine import compute_threads, cpus, default_num_workers
+from tlfinetune.sampling import EpochShuffleSampler
+from tlfinetune.sources import LIST_IN_MESSAGE, Index, Split, index_csv, index_folder
+from tlfinetune.transforms import eval_transform, train_transform
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "ArrayDataset",
-    "EpochShuffleSampler",
-    "ImageDataModule",
-    "ImageFileDataset",
-    "IndexedDataset",
-    "compute_threads",
-    "default_num_workers",
-    "eval_resize_size",
-    "eval_transform",
-    "stratified_split",
-    "train_transform",
-]
+__all__ = ["ImageDataModule"]
 
 log = logging.getLogger(__name__)
 
-_VAL_FOLDER_NAMES = ("val", "valid", "validation")
 _SCAN_THREADS_FROM = 256  # header-scan this many files or more on a thread pool
-
-
-# --------------------------------------------------------------------------------------------
-# Loader settings (here rather than in a module of their own: only the datamodule's loaders
-# use them)
-
-
-def default_num_workers(processes_per_node: int = 1, compute_threads: int = 1) -> int:
-    """DataLoader workers suited to this machine: the cores each training process leaves free.
-
-    ``min(16, cpus // processes_per_node - compute_threads)``, at least 0. Training on a GPU
-    needs about one core per process for itself (``compute_threads=1``: ``cpus - 1``), and the
-    GPU outruns decoding: on an H200 (bf16, VGG16, 224 px JPEGs) 12 workers decoded 4,745 img/s
-    against a no_grad forward bound of 8,420 img/s, so every free core is worth a worker (the
-    cap of 16, as fastai's, keeps huge hosts from forking a hundred). Training on the CPU keeps
-    ``torch.get_num_threads()`` cores busy with its own compute; a worker on top of them can
-    only run by pre-empting a compute thread, so it hides no decoding and adds its start-up
-    (PyTorch's CPU tuning guide warns against that oversubscription). On this project's 2-core
-    CPU machines (bf16, 64 px, 512 JPEGs, 4 runs each) 0 workers trained the first epoch at
-    0.88-0.92x of the forward bound, 1 worker at 0.84-0.90x; later epochs tied.
-
-    Args:
-        processes_per_node: Training processes sharing the machine's cores (DDP ranks).
-        compute_threads: Cores each training process keeps busy itself.
-
-    Returns:
-        The number of worker processes per DataLoader.
-    """
-    per_process = _cpus() // max(1, processes_per_node)
-    return max(0, min(16, per_process - max(1, compute_threads)))
-
-
-def compute_threads(device_type: str | None) -> int:
-    """Cores a training process keeps busy itself: torch's threads on the CPU, else one."""
-    return torch.get_num_threads() if device_type == "cpu" else 1
-
-
-def _cpus() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return os.cpu_count() or 1
-
-
-# --------------------------------------------------------------------------------------------
-# The datamodule
 
 
 class _NoClassNamesError(DataError, AttributeError):
@@ -263,10 +182,10 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_sampler: EpochShuffleSampler | None = None
         self.bad_images: list[Path] = []
         """Images left out so far because of ``skip_bad_images``."""
-        self._index: _Index | None = None
+        self._index: Index | None = None
         self._arrays: dict[str, Any] | None = None
         self._restored_class_names: list[str] | None = None
-        self._predict_split: _Split | None = None
+        self._predict_split: Split | None = None
         self._predict_files: list[Path] | None = None
         self._bad_log_started = False
 
@@ -367,12 +286,21 @@ class ImageDataModule(pl.LightningDataModule):
     def _has_source(self) -> bool:
         return self._arrays is not None or self.root is not None or self.train_csv is not None
 
-    def _ensure_index(self) -> _Index:
+    def _ensure_index(self) -> Index:
         if self._index is None:
             if self._arrays is not None:
-                self._index = self._index_arrays()
+                self._index = index_arrays(
+                    self._arrays, self._arrays["class_names"], self.val_split, self.seed
+                )
+                self._arrays = {"class_names": self._index.class_names}  # the index holds them
             elif self.train_csv is not None:
-                self._index = self._index_csv()
+                self._index = index_csv(
+                    Path(self.train_csv).expanduser(),
+                    None if self.val_csv is None else Path(self.val_csv),
+                    None if self.test_csv is None else Path(self.test_csv),
+                    self.val_split,
+                    self.seed,
+                )
             elif self.root is None:
                 raise DataError(
                     "No training data: set data.root to a folder of images in ImageFolder "
@@ -380,9 +308,11 @@ class ImageDataModule(pl.LightningDataModule):
                     "path,label rows, or use root: demo for the built-in demo dataset."
                 )
             elif isinstance(self.root, str) and self.root == "demo":
-                self._index = self._index_folder(ensure_demo_dataset(), demo=True)
+                demo = ensure_demo_dataset()
+                self._index = index_folder(demo, self.val_split, self.seed, demo=True)
             else:
-                self._index = self._index_folder(Path(self.root).expanduser())
+                root = Path(self.root).expanduser()
+                self._index = index_folder(root, self.val_split, self.seed)
             n = {k: len(s) for k, s in self._index.splits.items() if k != "all"}
             log.info(
                 "Data: %s; %d classes; %s images.",
@@ -391,179 +321,6 @@ class ImageDataModule(pl.LightningDataModule):
                 ", ".join(f"{k} {v}" for k, v in n.items()),
             )
         return self._index
-
-    def _split_off_val(self, train: _Split, what: str) -> dict[str, _Split]:
-        tr, va = stratified_split(train.labels, self.val_split, self.seed)
-        if not va:
-            raise DataError(
-                f"The {what} is too small to hold out validation images with val_split = "
-                f"{self.val_split} (each class needs at least 2 images); add images or give a "
-                "separate validation set."
-            )
-        return {
-            "train": train.subset(tr),
-            "val": train.subset(va, origin=f"{train.origin} (val_split {self.val_split})"),
-        }
-
-    def _index_folder(self, root: Path, demo: bool = False) -> _Index:
-        if not root.exists():
-            raise DataError(
-                f"The data folder {root} does not exist. Set data.root to a folder of images in "
-                "ImageFolder layout (root/<class>/<images>, or root/train/<class>/... with "
-                "root/val/<class>/...), or use root: demo for the built-in demo dataset."
-            )
-        if not root.is_dir():
-            raise DataError(
-                f"data.root {root} is a file, not a folder. Point it at the folder that holds "
-                "one sub-folder per class (or train/ and val/ folders); for a CSV file use "
-                "data.train_csv."
-            )
-        dirs = {d.name: d for d in _visible_dirs(root)}
-        if "train" in dirs:
-            val_names = [n for n in _VAL_FOLDER_NAMES if n in dirs]
-            if len(val_names) > 1:
-                raise DataError(
-                    f"The data folder {root} has several validation folders "
-                    f"({', '.join(val_names)}); keep one of them."
-                )
-            folders = {"train": dirs["train"]}
-            if val_names:
-                folders["val"] = dirs[val_names[0]]
-            if "test" in dirs:
-                folders["test"] = dirs["test"]
-            others = sorted(set(dirs) - {"train", "test", *val_names})
-            if others:
-                log.warning(
-                    "Ignoring folders %s in %s: next to a train/ folder only train/, val/ and "
-                    "test/ are read.",
-                    ", ".join(others),
-                    root,
-                )
-            roles = {"train": "training", "val": "validation", "test": "test"}
-            per_split = {k: _scan_class_folders(f, roles[k]) for k, f in folders.items()}
-            class_names = sorted(per_split["train"])
-            for split, classes in per_split.items():
-                unknown = sorted(set(classes) - set(class_names))
-                if unknown:
-                    shown = ", ".join(str(folders[split] / u) for u in unknown[:_LIST_IN_MESSAGE])
-                    raise DataError(
-                        f"The {roles[split]} class folder(s) {shown} have no counterpart in "
-                        f"{folders['train']}; the training folder defines the classes "
-                        f"({', '.join(class_names[:10])}). Rename or remove them, or add "
-                        "training images for them."
-                    )
-                missing = sorted(set(class_names) - set(classes))
-                if missing:
-                    log.warning(
-                        "The %s folder %s has no images of class(es) %s.",
-                        roles[split],
-                        folders[split],
-                        ", ".join(missing),
-                    )
-            splits = {}
-            for split, classes in per_split.items():
-                files = [f for name in class_names for f in classes.get(name, [])]
-                labels = [i for i, name in enumerate(class_names) for _ in classes.get(name, [])]
-                splits[split] = _Split(f"folder {folders[split]}", labels, files)
-            if "val" not in splits:
-                splits.update(
-                    self._split_off_val(splits["train"], f"training folder {folders['train']}")
-                )
-        else:
-            classes = _scan_class_folders(root, "data")
-            class_names = sorted(classes)
-            files = [f for name in class_names for f in classes[name]]
-            labels = [i for i, name in enumerate(class_names) for _ in classes[name]]
-            whole = _Split(f"folder {root}", labels, files)
-            splits = self._split_off_val(whole, f"folder {root}")
-            # `test --data.root FOLDER` on a plain class folder evaluates all of it.
-            splits["all"] = whole
-        if len(class_names) < 2:
-            raise DataError(
-                f"The data folder {root} has a single class ({class_names[0]}); classification "
-                "needs at least two class folders."
-            )
-        return _Index(
-            class_names, splits, "demo dataset " + str(root) if demo else f"folder {root}"
-        )
-
-    def _index_csv(self) -> _Index:
-        assert self.train_csv is not None
-        train_csv = Path(self.train_csv).expanduser()
-        files, names, rows = _read_csv(train_csv, "train")
-        class_names = _natural_class_order(sorted(set(names)))
-        if len(class_names) < 2:
-            raise DataError(
-                f"The CSV file {train_csv} has a single label ({class_names[0]}); "
-                "classification needs at least two classes."
-            )
-        lookup = {c: i for i, c in enumerate(class_names)}
-        splits = {"train": _Split(f"CSV file {train_csv}", [lookup[n] for n in names], files, rows)}
-        for role, value in (("val", self.val_csv), ("test", self.test_csv)):
-            if value is None:
-                continue
-            path = Path(value).expanduser()
-            files, names, rows = _read_csv(path, role)
-            unknown = [(r, n) for r, n in zip(rows, names, strict=True) if n not in lookup]
-            if unknown:
-                row, label = unknown[0]
-                more = f" ({len(unknown) - 1} more rows too)" if len(unknown) > 1 else ""
-                raise DataError(
-                    f"{row} has the label {label!r}, which the training CSV {train_csv} does "
-                    f"not have{more}; known labels: {', '.join(class_names[:10])}"
-                    f"{', ...' if len(class_names) > 10 else ''}. Fix the label or add training "
-                    "images of that class."
-                )
-            splits[role] = _Split(f"CSV file {path}", [lookup[n] for n in names], files, rows)
-        if "val" not in splits:
-            splits.update(self._split_off_val(splits["train"], f"training CSV {train_csv}"))
-        return _Index(class_names, splits, f"CSV file {train_csv}")
-
-    def _index_arrays(self) -> _Index:
-        assert self._arrays is not None
-        raw: dict[str, tuple[torch.Tensor, np.ndarray, int | None]] = {}
-        for role in ("train", "val", "test"):
-            x, y = self._arrays[role]
-            if x is None and y is None:
-                continue
-            if x is None or y is None:
-                missing = f"{role}_images" if x is None else f"{role}_labels"
-                raise DataError(f"from_arrays() got {role} data without {missing}; give both.")
-            images = _images_to_tensor(x, f"{role}_images")
-            labels, width = _labels_to_ints(y, len(images), f"{role}_labels")
-            raw[role] = (images, labels, width)
-        names = self._arrays["class_names"]
-        widths = {w for _, _, w in raw.values() if w is not None}
-        if len(widths) > 1:
-            raise DataError(f"The one-hot label arrays have different widths {sorted(widths)}.")
-        top = max(int(labels.max()) for _, labels, _ in raw.values()) + 1
-        if names is not None:
-            num_classes = len(names)
-        else:
-            num_classes = max([top, *widths])
-            names = [str(i) for i in range(num_classes)]
-        if num_classes < 2:
-            raise DataError(f"from_arrays() needs at least two classes, got {num_classes}.")
-        if widths and widths != {num_classes}:
-            raise DataError(
-                f"The labels are one-hot with {widths.pop()} columns but there are "
-                f"{num_classes} class names."
-            )
-        for role, (_, labels, _) in raw.items():
-            if labels.max() >= num_classes:
-                raise DataError(
-                    f"{role}_labels has label {int(labels.max())}, but there are only "
-                    f"{num_classes} classes ({', '.join(names[:10])}); labels run from 0 to "
-                    f"{num_classes - 1}."
-                )
-        splits = {
-            role: _Split(f"{role} arrays", labels.tolist(), images=images)
-            for role, (images, labels, _) in raw.items()
-        }
-        if "val" not in splits:
-            splits.update(self._split_off_val(splits["train"], "training arrays"))
-        self._arrays = {"class_names": names}  # the tensors above hold the data now
-        return _Index(list(names), splits, "arrays")
 
     # ---------------------------------------------------------------- header scan
 
@@ -593,7 +350,7 @@ class ImageDataModule(pl.LightningDataModule):
                 return list(pool.map(check, files))
         return [check(p) for p in files]
 
-    def _scan(self, splits: Sequence[_Split]) -> list[_Split]:
+    def _scan(self, splits: Sequence[Split]) -> list[Split]:
         """Header-checks the files of ``splits``; drops bad ones (skip mode) or raises once."""
         todo = [s for s in splits if s.files is not None and not s.scanned]
         found: dict[int, list[tuple[int, DataError]]] = {}
@@ -601,7 +358,7 @@ class ImageDataModule(pl.LightningDataModule):
             results = self._probe(split.files or [])
             found[id(split)] = [(i, exc) for i, exc in enumerate(results) if exc is not None]
 
-        def describe(split: _Split, i: int, exc: DataError) -> str:
+        def describe(split: Split, i: int, exc: DataError) -> str:
             return f"{split.rows[i]}: {exc}" if split.rows is not None else str(exc)
 
         bad_all = [(split, i, exc) for split in todo for i, exc in found[id(split)]]
@@ -610,8 +367,8 @@ class ImageDataModule(pl.LightningDataModule):
                 raise DataError(describe(*bad_all[0]))
             total = sum(len(s) for s in todo)
             where = "; ".join(f"{len(found[id(s)])} in {s.origin}" for s in todo if found[id(s)])
-            others = ", ".join(str((s.files or [])[i]) for s, i, _ in bad_all[1:_LIST_IN_MESSAGE])
-            more = len(bad_all) - _LIST_IN_MESSAGE
+            others = ", ".join(str((s.files or [])[i]) for s, i, _ in bad_all[1:LIST_IN_MESSAGE])
+            more = len(bad_all) - LIST_IN_MESSAGE
             raise DataError(
                 f"{len(bad_all)} of the {total} images cannot be used ({where}). The first: "
                 f"{describe(*bad_all[0])} The others: {others}"
@@ -631,7 +388,7 @@ class ImageDataModule(pl.LightningDataModule):
             out.append(self._skip(split, bad, describe(split, *bad[0])))
         return out
 
-    def _skip(self, split: _Split, bad: list[tuple[int, DataError]], first: str) -> _Split:
+    def _skip(self, split: Split, bad: list[tuple[int, DataError]], first: str) -> Split:
         """Leaves the ``bad`` positions out of ``split``, lists and reports them."""
         files = split.files or []
         bad_paths = [files[i] for i, _ in bad]
@@ -641,7 +398,7 @@ class ImageDataModule(pl.LightningDataModule):
             if not self._bad_log_started:  # a fresh list per run, not appended to an old one
                 list_file.unlink(missing_ok=True)
                 self._bad_log_started = True
-            _append_lines(list_file, [str(p) for p in bad_paths])
+            append_lines(list_file, [str(p) for p in bad_paths])
         log.warning(
             "Skipped %d of the %d images of %s (skip_bad_images); their paths are listed in %s. "
             "The first: %s",
@@ -663,7 +420,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------- datasets
 
-    def _dataset(self, split: _Split, transform: Callable, predict: bool = False) -> Dataset:
+    def _dataset(self, split: Split, transform: Callable, predict: bool = False) -> Dataset:
         if split.images is not None:
             return ArrayDataset(split.images, split.labels, transform)
         assert split.files is not None
@@ -678,7 +435,7 @@ class ImageDataModule(pl.LightningDataModule):
             substitute_blank=predict,
         )
 
-    def _prepared_splits(self, *roles: str) -> list[_Split]:
+    def _prepared_splits(self, *roles: str) -> list[Split]:
         """The splits ``roles``, header-scanned together (one error for all their bad files)."""
         index = self._ensure_index()
         for role in roles:
@@ -725,7 +482,7 @@ class ImageDataModule(pl.LightningDataModule):
                     f"data.predict_dir {folder} holds no images (recognised extensions: "
                     f"{', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...)."
                 )
-            (split,) = self._scan([_Split(f"folder {folder}", [-1] * len(files), files)])
+            (split,) = self._scan([Split(f"folder {folder}", [-1] * len(files), files)])
             self._predict_split = split
             self._predict_files = list(split.files or [])
             return
@@ -798,7 +555,7 @@ class ImageDataModule(pl.LightningDataModule):
                 "DataLoader workers: %d per process (%d cores, training itself keeps %d busy; "
                 "data.num_workers sets them).",
                 workers,
-                _cpus(),
+                cpus(),
                 per_node * threads,
             )
         return workers

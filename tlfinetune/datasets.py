@@ -15,14 +15,15 @@ from torchvision.transforms.v2 import functional as TF
 from tlfinetune.errors import DataError
 from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
 
-__all__ = ["ArrayDataset", "ImageFileDataset", "IndexedDataset"]
+__all__ = ["ArrayDataset", "ImageFileDataset", "IndexedDataset", "append_lines"]
 
 # The records keep the logger name they had before data.py was split, so logging settings for
 # tlfinetune.data still apply to them.
 log = logging.getLogger("tlfinetune.data")
 
 
-def _append_lines(path: Path, lines: Sequence[str]) -> None:
+def append_lines(path: Path, lines: Sequence[str]) -> None:
+    """Appends ``lines`` to the text file ``path``; a failure is logged, never raised."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
@@ -90,7 +91,7 @@ class ImageFileDataset(Dataset):
         self._reported.add(path)
         log.warning("Skipping an image that cannot be decoded (skip_bad_images): %s", exc)
         if self.bad_images_log is not None:
-            _append_lines(self.bad_images_log, [str(path)])
+            append_lines(self.bad_images_log, [str(path)])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         n = len(self.files)

@@ -29,7 +29,7 @@ from tlfinetune.cache import CachedBatch, FeatureCache
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.head import HeadFactory, HeadName, build_head
-from tlfinetune.precision import emulated_bf16_warning
+from tlfinetune.machine import emulated_bf16_warning
 from tlfinetune.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)

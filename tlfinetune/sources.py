@@ -1,8 +1,11 @@
-"""Indexing image sources: class folders, CSV files and in-memory arrays become labelled splits.
+"""Finding images: class folders and CSV files become labelled train/val/test splits.
 
-A split (:class:`_Split`) is the list of files (or images) and labels of train, val or test before
-it becomes a Dataset; these helpers read and validate the raw sources, with error messages that
-name the culprit. The datamodule decides which source to read and how to split it.
+A :class:`Split` is the list of files and labels of one split before it becomes a Dataset; an
+:class:`Index` is the class names and the splits of one source. :func:`index_folder` and
+:func:`index_csv` read and validate a source, with error messages that name the culprit, and
+split validation images off the training images when the source has none
+(:func:`split_off_val`). In-memory arrays are indexed the same way by :mod:`tlfinetune.arrays`.
+The datamodule decides which source to read; nothing here decodes pixels.
 """
 
 import csv
@@ -11,24 +14,26 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from tlfinetune.errors import DataError
 from tlfinetune.images import IMAGE_EXTENSIONS, is_hidden, is_image_file, list_images
+from tlfinetune.sampling import stratified_split
+
+__all__ = ["LIST_IN_MESSAGE", "Index", "Split", "index_csv", "index_folder", "split_off_val"]
 
 # The records keep the logger name they had before data.py was split, so logging settings for
 # tlfinetune.data still apply to them.
 log = logging.getLogger("tlfinetune.data")
 
-_LIST_IN_MESSAGE = 5  # name at most this many culprits in one message
+LIST_IN_MESSAGE = 5  # name at most this many culprits in one message
+_VAL_FOLDER_NAMES = ("val", "valid", "validation")
 
 
 @dataclass
-class _Split:
-    """One split of a source, before it becomes a Dataset."""
+class Split:
+    """One split of a source, before it becomes a Dataset: files (or images) and their labels."""
 
     origin: str  # human description for messages ("folder /x/train", "CSV /x/a.csv")
     labels: list[int]
@@ -40,7 +45,8 @@ class _Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, positions: Sequence[int], origin: str | None = None) -> "_Split":
+    def subset(self, positions: Sequence[int], origin: str | None = None) -> "Split":
+        """The items at ``positions``, in that order (``origin`` renames the result)."""
         pos = list(positions)
         return replace(
             self,
@@ -53,9 +59,11 @@ class _Split:
 
 
 @dataclass
-class _Index:
+class Index:
+    """What a source holds: class names in label order and its splits."""
+
     class_names: list[str]
-    splits: dict[str, _Split]  # "train", "val" and maybe "test"
+    splits: dict[str, Split]  # "train", "val" and maybe "test"
     description: str
 
 
@@ -97,8 +105,8 @@ def _scan_class_folders(folder: Path, role: str) -> dict[str, list[Path]]:
             "other files are ignored."
         )
     if empty:
-        shown = ", ".join(str(folder / name) for name in empty[:_LIST_IN_MESSAGE])
-        more = f" and {len(empty) - _LIST_IN_MESSAGE} more" if len(empty) > _LIST_IN_MESSAGE else ""
+        shown = ", ".join(str(folder / name) for name in empty[:LIST_IN_MESSAGE])
+        more = f" and {len(empty) - LIST_IN_MESSAGE} more" if len(empty) > LIST_IN_MESSAGE else ""
         raise DataError(
             f"Class folder {shown}{more} has no images (image extensions are "
             f"{', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...). Add images to it, or remove the "
@@ -168,83 +176,152 @@ def _read_csv(csv_path: Path, role: str) -> tuple[list[Path], list[str], list[st
     return files, labels, rows
 
 
-def _as_numpy(x: Any, what: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        return x.numpy()
-    try:
-        return np.asarray(x)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{what} is not an array or tensor ({type(x).__name__}).") from exc
+def split_off_val(train: Split, what: str, val_split: float, seed: int) -> dict[str, Split]:
+    """Holds out ``val_split`` of each class of ``train`` for validation (see stratified_split).
 
+    Args:
+        train: The split to divide.
+        what: How messages name it ("training folder /x/train").
+        val_split: Fraction of each class that goes to validation.
+        seed: Seed of the split.
 
-def _images_to_tensor(x: Any, what: str) -> torch.Tensor:
-    """NHWC / NHW images (uint8, ints, floats, bools) to a uint8 NCHW tensor."""
-    a = _as_numpy(x, what)
-    if a.ndim == 3:
-        a = a[..., None]
-    if a.ndim != 4 or a.shape[-1] not in (1, 3, 4):
-        hint = (
-            " It looks channels-first (NCHW); permute it to NHWC, e.g. x.permute(0, 2, 3, 1)."
-            if a.ndim == 4 and a.shape[1] in (1, 3, 4)
-            else ""
-        )
+    Returns:
+        ``{"train": ..., "val": ...}``.
+    """
+    tr, va = stratified_split(train.labels, val_split, seed)
+    if not va:
         raise DataError(
-            f"{what} has shape {tuple(a.shape)}; expected (N, H, W, C) with C = 1, 3 or 4 "
-            f"(Keras' NHWC layout) or (N, H, W) for grayscale.{hint}"
+            f"The {what} is too small to hold out validation images with val_split = "
+            f"{val_split} (each class needs at least 2 images); add images or give a "
+            "separate validation set."
         )
-    if a.shape[0] == 0:
-        raise DataError(f"{what} is empty (0 images).")
-    if a.dtype == np.bool_:
-        a = a.astype(np.uint8) * 255
-    elif a.dtype != np.uint8:
-        if not np.issubdtype(a.dtype, np.number):
-            raise DataError(f"{what} has dtype {a.dtype}; expected uint8, integer or float.")
-        af = a.astype(np.float64)
-        if not np.isfinite(af).all():
-            raise DataError(f"{what} contains NaN or infinite values.")
-        lo, hi = float(af.min()), float(af.max())
-        if lo < 0 or hi > 255:
+    return {
+        "train": train.subset(tr),
+        "val": train.subset(va, origin=f"{train.origin} (val_split {val_split})"),
+    }
+
+
+def index_folder(root: Path, val_split: float, seed: int, *, demo: bool = False) -> Index:
+    """Indexes a folder in ImageFolder layout (see :class:`~tlfinetune.data.ImageDataModule`).
+
+    ``root/<class>/...`` is split by ``val_split`` (and kept whole as ``all``, for testing);
+    ``root/train`` with ``root/val`` (or ``valid``, ``validation``) and ``root/test`` are used
+    as they are, train split by ``val_split`` when there is no validation folder.
+    """
+    if not root.exists():
+        raise DataError(
+            f"The data folder {root} does not exist. Set data.root to a folder of images in "
+            "ImageFolder layout (root/<class>/<images>, or root/train/<class>/... with "
+            "root/val/<class>/...), or use root: demo for the built-in demo dataset."
+        )
+    if not root.is_dir():
+        raise DataError(
+            f"data.root {root} is a file, not a folder. Point it at the folder that holds "
+            "one sub-folder per class (or train/ and val/ folders); for a CSV file use "
+            "data.train_csv."
+        )
+    dirs = {d.name: d for d in _visible_dirs(root)}
+    if "train" in dirs:
+        val_names = [n for n in _VAL_FOLDER_NAMES if n in dirs]
+        if len(val_names) > 1:
             raise DataError(
-                f"{what} has values in [{lo:g}, {hi:g}]; expected [0, 1] or [0, 255] (undo any "
-                "normalisation: the model normalises itself)."
+                f"The data folder {root} has several validation folders "
+                f"({', '.join(val_names)}); keep one of them."
             )
-        scale = 255.0 if np.issubdtype(a.dtype, np.floating) and hi <= 1.0 else 1.0
-        a = np.clip(np.rint(af * scale), 0, 255).astype(np.uint8)
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    elif a.shape[-1] == 4:  # composite onto white, like images.to_rgb
-        alpha = a[..., 3:4].astype(np.float32) / 255.0
-        rgb = a[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-        a = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()
-
-
-def _labels_to_ints(y: Any, n: int, what: str) -> tuple[np.ndarray, int | None]:
-    """Integer labels (or one-hot rows, reduced by argmax) and the one-hot width if any."""
-    a = _as_numpy(y, what)
-    width = None
-    if a.ndim == 2 and a.shape[1] == 1:
-        a = a[:, 0]
-    elif a.ndim == 2:
-        width = int(a.shape[1])
-        if width < 2:
-            raise DataError(f"{what} is one-hot with width {width}; need at least 2 classes.")
-        a = np.argmax(a, axis=1)
-    if a.ndim != 1:
+        folders = {"train": dirs["train"]}
+        if val_names:
+            folders["val"] = dirs[val_names[0]]
+        if "test" in dirs:
+            folders["test"] = dirs["test"]
+        others = sorted(set(dirs) - {"train", "test", *val_names})
+        if others:
+            log.warning(
+                "Ignoring folders %s in %s: next to a train/ folder only train/, val/ and "
+                "test/ are read.",
+                ", ".join(others),
+                root,
+            )
+        roles = {"train": "training", "val": "validation", "test": "test"}
+        per_split = {k: _scan_class_folders(f, roles[k]) for k, f in folders.items()}
+        class_names = sorted(per_split["train"])
+        for split, classes in per_split.items():
+            unknown = sorted(set(classes) - set(class_names))
+            if unknown:
+                shown = ", ".join(str(folders[split] / u) for u in unknown[:LIST_IN_MESSAGE])
+                raise DataError(
+                    f"The {roles[split]} class folder(s) {shown} have no counterpart in "
+                    f"{folders['train']}; the training folder defines the classes "
+                    f"({', '.join(class_names[:10])}). Rename or remove them, or add "
+                    "training images for them."
+                )
+            missing = sorted(set(class_names) - set(classes))
+            if missing:
+                log.warning(
+                    "The %s folder %s has no images of class(es) %s.",
+                    roles[split],
+                    folders[split],
+                    ", ".join(missing),
+                )
+        splits = {}
+        for split, classes in per_split.items():
+            files = [f for name in class_names for f in classes.get(name, [])]
+            labels = [i for i, name in enumerate(class_names) for _ in classes.get(name, [])]
+            splits[split] = Split(f"folder {folders[split]}", labels, files)
+        if "val" not in splits:
+            splits.update(
+                split_off_val(
+                    splits["train"], f"training folder {folders['train']}", val_split, seed
+                )
+            )
+    else:
+        classes = _scan_class_folders(root, "data")
+        class_names = sorted(classes)
+        files = [f for name in class_names for f in classes[name]]
+        labels = [i for i, name in enumerate(class_names) for _ in classes[name]]
+        whole = Split(f"folder {root}", labels, files)
+        splits = split_off_val(whole, f"folder {root}", val_split, seed)
+        # `test --data.root FOLDER` on a plain class folder evaluates all of it.
+        splits["all"] = whole
+    if len(class_names) < 2:
         raise DataError(
-            f"{what} has shape {tuple(a.shape)}; expected (N,) integer labels or (N, classes) "
-            "one-hot rows."
+            f"The data folder {root} has a single class ({class_names[0]}); classification "
+            "needs at least two class folders."
         )
-    if len(a) != n:
-        raise DataError(f"{what} has {len(a)} labels but there are {n} images.")
-    if not np.issubdtype(a.dtype, np.integer) and (
-        not np.issubdtype(a.dtype, np.number) or not np.all(np.equal(np.mod(a, 1), 0))
-    ):
-        raise DataError(f"{what} must hold whole-number class indices, got dtype {a.dtype}.")
-    a = a.astype(np.int64)
-    if len(a) and a.min() < 0:
-        raise DataError(f"{what} has a negative label ({int(a.min())}); labels start at 0.")
-    return a, width
+    return Index(class_names, splits, "demo dataset " + str(root) if demo else f"folder {root}")
+
+
+def index_csv(
+    train_csv: Path, val_csv: Path | None, test_csv: Path | None, val_split: float, seed: int
+) -> Index:
+    """Indexes CSV files of ``path,label`` rows; the training CSV's labels are the classes.
+
+    Without ``val_csv``, train is split by ``val_split``.
+    """
+    files, names, rows = _read_csv(train_csv, "train")
+    class_names = _natural_class_order(sorted(set(names)))
+    if len(class_names) < 2:
+        raise DataError(
+            f"The CSV file {train_csv} has a single label ({class_names[0]}); "
+            "classification needs at least two classes."
+        )
+    lookup = {c: i for i, c in enumerate(class_names)}
+    splits = {"train": Split(f"CSV file {train_csv}", [lookup[n] for n in names], files, rows)}
+    for role, value in (("val", val_csv), ("test", test_csv)):
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        files, names, rows = _read_csv(path, role)
+        unknown = [(r, n) for r, n in zip(rows, names, strict=True) if n not in lookup]
+        if unknown:
+            row, label = unknown[0]
+            more = f" ({len(unknown) - 1} more rows too)" if len(unknown) > 1 else ""
+            raise DataError(
+                f"{row} has the label {label!r}, which the training CSV {train_csv} does "
+                f"not have{more}; known labels: {', '.join(class_names[:10])}"
+                f"{', ...' if len(class_names) > 10 else ''}. Fix the label or add training "
+                "images of that class."
+            )
+        splits[role] = Split(f"CSV file {path}", [lookup[n] for n in names], files, rows)
+    if "val" not in splits:
+        splits.update(split_off_val(splits["train"], f"training CSV {train_csv}", val_split, seed))
+    return Index(class_names, splits, f"CSV file {train_csv}")

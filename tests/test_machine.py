@@ -1,4 +1,4 @@
-"""Precision: the fastest that keeps accuracy is chosen per machine; emulated bf16 is warned."""
+"""Machine facts: the fastest precision that keeps accuracy (emulated bf16 warned); workers."""
 
 import logging
 
@@ -8,14 +8,15 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from test_cli import fit_args, make_folder
 from tiny import TinyData, trainer
 
-import tlfinetune.precision as precision
+import tlfinetune.machine as machine
 from tlfinetune import TransferClassifier, fastest_precision
 from tlfinetune.cli import TLFinetuneCLI, main
+from tlfinetune.machine import default_num_workers
 
 
 def cpu_bf16(monkeypatch, avx512_bf16: bool, amx: bool = False) -> None:
     """Pretend this x86 CPU has (or lacks) the bf16 instructions torch reports."""
-    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(machine.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
 
@@ -30,9 +31,9 @@ def test_cpu_gets_bf16_only_with_bf16_instructions(monkeypatch, avx512_bf16, amx
 
 
 def test_a_torch_that_cannot_tell_counts_as_no_bf16(monkeypatch):
-    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(machine.platform, "machine", lambda: "x86_64")
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
-    assert not precision.native_bf16("cpu")
+    assert not machine.native_bf16("cpu")
     assert fastest_precision("cpu") == "32-true"
 
 
@@ -56,12 +57,12 @@ def test_device_type_of_the_trainer_accelerator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     if getattr(torch.backends, "mps", None) is not None:
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert precision.device_type_of("auto") == "cpu"
-    assert precision.device_type_of("CPU") == "cpu"
-    assert precision.device_type_of(CPUAccelerator()) == "cpu"
+    assert machine.device_type_of("auto") == "cpu"
+    assert machine.device_type_of("CPU") == "cpu"
+    assert machine.device_type_of(CPUAccelerator()) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert precision.device_type_of("auto") == "cuda"
-    assert precision.device_type_of("gpu") == "cuda"
+    assert machine.device_type_of("auto") == "cuda"
+    assert machine.device_type_of("gpu") == "cuda"
 
 
 @pytest.mark.parametrize("has_bf16", [True, False])
@@ -94,3 +95,19 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned(monkeypatch, caplog, has_bf16)
     assert warned != has_bf16
     if warned:
         assert "--trainer.precision 32-true" in caplog.text
+
+
+def test_default_num_workers(monkeypatch):
+    # On a GPU every core but the training process's own: decoding is what a GPU waits for.
+    for cpus, expected in ((1, 0), (2, 1), (3, 2), (16, 15), (17, 16), (128, 16)):
+        monkeypatch.setattr(machine.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        assert default_num_workers() == expected
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda _pid: set(range(8)))
+    assert default_num_workers(processes_per_node=4) == 1
+    # Training on the CPU: only the cores its compute threads leave free.
+    assert default_num_workers(compute_threads=8) == 0
+    assert default_num_workers(compute_threads=16) == 0
+    assert default_num_workers(compute_threads=6) == 2
+    assert default_num_workers(compute_threads=2) == 6
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    assert default_num_workers(processes_per_node=8) == 7  # 8 DDP ranks on 64 cores

@@ -1,12 +1,17 @@
-"""Which training precision runs fast on this hardware.
+"""What this machine offers training: the precision that runs fast, and the cores for loaders.
 
-bf16-mixed is not faster everywhere. Measured with VGG16's no_grad forward (64 px, batch 32,
-channels-last): on a CPU with AVX-512 bf16 it ran ~1.9x the speed of 32-true, while on an
-AVX2-only AMD EPYC with no bf16 instructions it ran 6.4 img/s against 47.8 for 32-true (7.5x
+One place for the facts about the hardware that settings default from.
+
+Precision: bf16-mixed is not faster everywhere. Measured with VGG16's no_grad forward (64 px,
+batch 32, channels-last): on a CPU with AVX-512 bf16 it ran ~1.9x the speed of 32-true, while on
+an AVX2-only AMD EPYC with no bf16 instructions it ran 6.4 img/s against 47.8 for 32-true (7.5x
 slower: oneDNN emulates bf16 there). On GPUs with native bf16 (Ampere and later) bf16-mixed
 runs on the same tensor cores as 16-mixed without the GradScaler, whose ``found_inf`` check
 reads a value back from the GPU at every optimizer step; older GPUs get 16-mixed.
 ``benchmarks/precision.md`` shows bf16-mixed reaching the accuracy of 32-true on VGG16.
+
+Cores: DataLoader workers get the cores that training itself leaves free
+(:func:`default_num_workers`).
 
     >>> fastest_precision("cpu") in ("bf16-mixed", "32-true")
     True
@@ -14,12 +19,21 @@ reads a value back from the GPU at every optimizer step; older GPUs get 16-mixed
 
 from __future__ import annotations
 
+import os
 import platform
 from typing import Any
 
 import torch
 
-__all__ = ["device_type_of", "emulated_bf16_warning", "fastest_precision", "native_bf16"]
+__all__ = [
+    "compute_threads",
+    "cpus",
+    "default_num_workers",
+    "device_type_of",
+    "emulated_bf16_warning",
+    "fastest_precision",
+    "native_bf16",
+]
 
 
 def native_bf16(device_type: str) -> bool:
@@ -86,3 +100,41 @@ def emulated_bf16_warning(precision: Any, device_type: str) -> str | None:
         f"machine. Use --trainer.precision 32-true, or leave it unset to let tlfinetune pick "
         f"the fastest precision for this machine."
     )
+
+
+# --- cores -----------------------------------------------------------------------------------
+
+
+def cpus() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def compute_threads(device_type: str | None) -> int:
+    """Cores a training process keeps busy itself: torch's threads on the CPU, else one."""
+    return torch.get_num_threads() if device_type == "cpu" else 1
+
+
+def default_num_workers(processes_per_node: int = 1, compute_threads: int = 1) -> int:
+    """DataLoader workers suited to this machine: the cores each training process leaves free.
+
+    ``min(16, cpus // processes_per_node - compute_threads)``, at least 0. Training on a GPU
+    needs about one core per process for itself (``compute_threads=1``: ``cpus - 1``), and a GPU
+    outruns JPEG decoding, so every free core is worth a worker (the cap of 16, as fastai's,
+    keeps huge hosts from forking a hundred). Training on the CPU keeps
+    ``torch.get_num_threads()`` cores busy with its own compute; a worker on top of them can
+    only run by pre-empting a compute thread, so it hides no decoding and adds its start-up
+    (PyTorch's CPU tuning guide warns against that oversubscription).
+
+    Args:
+        processes_per_node: Training processes sharing the machine's cores (DDP ranks).
+        compute_threads: Cores each training process keeps busy itself.
+
+    Returns:
+        The number of worker processes per DataLoader.
+    """
+    per_process = cpus() // max(1, processes_per_node)
+    return max(0, min(16, per_process - max(1, compute_threads)))
