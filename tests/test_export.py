@@ -146,3 +146,18 @@ def test_command_line_exports_a_checkpoint(trained, capsys):
     assert str(out) in capsys.readouterr().out
     with pytest.raises(ConfigError, match="no such checkpoint"):
         ex.main(["--ckpt_path", str(ckpt.with_name("missing.ckpt"))])
+
+
+def test_command_line_flags_parse_as_documented():
+    parser = ex.export_parser()
+    args = parser.parse_args(["--ckpt_path", "a.ckpt", "--no_check", "--overwrite"])
+    assert (args.check, args.overwrite, args.format, args.output) == (False, True, None, None)
+    args = parser.parse_args(["--ckpt_path", "a.ckpt", "--format", "pt2", "--output", "m.pt2"])
+    assert (args.check, args.overwrite, args.format, str(args.output)) == (
+        True,
+        False,
+        "pt2",
+        "m.pt2",
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--ckpt_path", "a.ckpt", "--format", "tflite"])

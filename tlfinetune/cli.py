@@ -4,6 +4,8 @@ fit/validate/test/predict are LightningCLI subcommands over TransferClassifier a
 ImageDataModule, with the FreezeSchedule as its own argument group (``--freeze.*``). Every run of
 ``fit`` gets its own ``version_N`` folder under ``trainer.default_root_dir`` holding its
 checkpoints (best by ``val/acc`` and ``last.ckpt``), ``config.yaml`` and ``metrics.csv``.
+``export`` and ``compare`` parse their arguments with jsonargparse too: ``export`` from a typed
+parser of its own, ``compare`` with the ``fit`` parser plus ``--regimes``.
 """
 
 from __future__ import annotations

@@ -19,17 +19,19 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser
 
+from tlfinetune.cli import TLFinetuneCLI
 from tlfinetune.errors import ConfigError
-from tlfinetune.freeze import count_parameters
+from tlfinetune.freeze import REGIMES, count_parameters
 
-REGIMES = ("frozen", "partial", "full")
 COLUMNS = (
     "regime",
     "trainable_params",
@@ -89,58 +91,70 @@ class RegimeStats(pl.Callback):
         Path(self.output).write_text(json.dumps(row))
 
 
-def _root_dir(args: list[str]) -> Path:
-    """``trainer.default_root_dir`` as the fit would resolve it: flags after config files."""
-    root: str | None = None
-    for i, arg in enumerate(args):
-        key, _, value = arg.partition("=")
-        if not value and i + 1 < len(args):
-            value = args[i + 1]
-        if key in ("--config", "-c") and Path(value).is_file():
-            config = yaml.safe_load(Path(value).read_text()) or {}
-            root = (config.get("trainer") or {}).get("default_root_dir", root)
-        elif key == "--trainer.default_root_dir":
-            root = value
-    return Path(root or "runs")
+class _FitArguments(TLFinetuneCLI):
+    """The ``fit`` command's own parser, used to read compare's arguments without training.
+
+    So ``--config`` files, flags after them and every fit setting are validated and resolved
+    exactly as ``fit`` does, and ``--regimes`` sits beside them.
+    """
+
+    def __init__(self, args: list[str]) -> None:
+        with warnings.catch_warnings():  # args given while sys.argv holds compare's own: meant
+            warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+            super().__init__(args=args, run=False)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:  # noqa: D102
+        kwargs.update(prog="tlfinetune compare", description=__doc__.split("\n\n")[1])
+        return super().init_parser(**kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
+        super().add_arguments_to_parser(parser)
+        parser.add_argument(
+            "--regimes",
+            type=str,
+            default=",".join(REGIMES),
+            help=f"Regimes to train and compare, comma-separated, from {','.join(REGIMES)}.",
+        )
+
+    def instantiate_classes(self) -> None:
+        """Nothing to build here: each regime trains in a process of its own."""
 
 
-def _split_regimes(argv: list[str]) -> tuple[list[str], list[str]]:
-    regimes, rest, i = list(REGIMES), [], 0
-    while i < len(argv):
-        key, eq, value = argv[i].partition("=")
-        if key == "--regimes":
-            if not eq:
-                i += 1
-                value = argv[i] if i < len(argv) else ""
-            regimes = [r.strip() for r in value.split(",") if r.strip()]
-        else:
-            rest.append(argv[i])
-        i += 1
+def parse_arguments(argv: list[str]) -> tuple[list[str], Namespace, LightningArgumentParser]:
+    """The regimes to train and the fit configuration they share."""
+    cli = _FitArguments(argv)
+    config = cli.config.clone()
+    regimes = [r.strip() for r in config.pop("regimes").split(",") if r.strip()]
     bad = [r for r in regimes if r not in REGIMES]
     if bad or not regimes:
         raise ConfigError(f"--regimes {','.join(regimes)}: choose from {', '.join(REGIMES)}.")
-    return regimes, rest
+    return regimes, config, cli.parser
 
 
 def compare(argv: list[str]) -> list[dict[str, Any]]:
     """Run one fit per regime with the same arguments; return and write the comparison."""
-    regimes, fit_args = _split_regimes(argv)
-    root = _root_dir(fit_args)
+    regimes, config, parser = parse_arguments(argv)
+    root = Path(config.trainer.default_root_dir or "runs")
     rows = []
     for regime in regimes:
         out = root / "compare" / regime
         out.mkdir(parents=True, exist_ok=True)
         stats = out / "stats.json"
         stats.unlink(missing_ok=True)
+        run = config.clone()
+        run.freeze.regime = regime
+        run.freeze.milestones = None  # each regime as itself, no schedule between them
+        run.trainer.default_root_dir = str(out)
+        fit_config = out / "fit.yaml"
+        with warnings.catch_warnings():  # skip_none, Lightning's spelling, is renamed in 4.49
+            warnings.simplefilter("ignore", DeprecationWarning)
+            fit_config.write_text(parser.dump(run, skip_none=False))  # None can be a choice
         callback = {
             "class_path": "tlfinetune.compare.RegimeStats",
             "init_args": {"output": str(stats), "regime": regime},
         }
         cmd = [
-            sys.executable, "-m", "tlfinetune", "fit", *fit_args,
-            f"--freeze.regime={regime}",
-            "--freeze.milestones=null",  # each regime as itself, no schedule between them
-            f"--trainer.default_root_dir={out}",
+            sys.executable, "-m", "tlfinetune", "fit", f"--config={fit_config}",
             f"--trainer.callbacks+={json.dumps(callback)}",
         ]  # fmt: skip
         print(f"compare: training regime {regime} ...", flush=True)
@@ -198,7 +212,4 @@ def plot_comparison(rows: list[dict[str, Any]]) -> Any:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m tlfinetune compare``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return
-    compare(argv)
+    compare(argv or ["--help"])

@@ -17,7 +17,6 @@ is loaded back and run at batch sizes 1 and 3; its output must match the PyTorch
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.metadata
 import importlib.util
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from torch import nn
 
 from tlfinetune.errors import ConfigError, TLFinetuneError
@@ -366,30 +366,46 @@ def _version(package: str) -> str | None:
 # --- command line ------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``tlfinetune export --ckpt_path CKPT [--output FILE] [--format onnx|pt2] [--overwrite]``."""
-    parser = argparse.ArgumentParser(
+def export_parser() -> ArgumentParser:
+    """The arguments of ``tlfinetune export``: typed, so jsonargparse validates them."""
+    parser = ArgumentParser(
         prog="tlfinetune export",
         description="Export a checkpoint as a self-contained model: float images (N, 3, H, W) in "
         "[0, 1] -> class probabilities, with a JSON description next to it (<output>.json).",
     )
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint to export (.ckpt)")
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML file of these")
     parser.add_argument(
-        "--output", help="file to write; default: the checkpoint's path with the format's suffix"
+        "--ckpt_path", type=Path, required=True, help="checkpoint to export (.ckpt)"
     )
     parser.add_argument(
-        "--format", choices=FORMATS, help="default: from --output's suffix, else onnx"
+        "--output",
+        type=Path | None,
+        help="file to write; default: the checkpoint's path with the format's suffix",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument(
-        "--no_check", action="store_true", help="skip running the exported file to compare outputs"
+        "--format",
+        type=ExportFormat | None,
+        help="default: from --output's suffix, else onnx",
     )
-    args = parser.parse_args(argv)
-    ckpt = Path(args.ckpt_path)
-    fmt = args.format or (Path(args.output).suffix.lstrip(".") if args.output else "onnx")
-    output = Path(args.output) if args.output else ckpt.with_suffix(f".{fmt}")
+    parser.add_argument(
+        "--overwrite", action=ActionYesNo, default=False, help="replace an existing output"
+    )
+    parser.add_argument(
+        "--check",
+        action=ActionYesNo(yes_prefix="", no_prefix="no_"),
+        default=True,
+        help="run the exported file to compare its outputs with the model's (--no_check skips)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``tlfinetune export --ckpt_path CKPT [--output FILE] [--format onnx|pt2] [--overwrite]``."""
+    args = export_parser().parse_args(None if argv is None else list(argv))
+    fmt = args.format or (args.output.suffix.lstrip(".") if args.output else "onnx")
+    output = args.output or args.ckpt_path.with_suffix(f".{fmt}")
     result = export(
-        load_checkpoint(ckpt), output, fmt, overwrite=args.overwrite, check=not args.no_check
+        load_checkpoint(args.ckpt_path), output, fmt, overwrite=args.overwrite, check=args.check
     )
     print(f"{result.path}\n{result.sidecar}")
 
