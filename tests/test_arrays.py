@@ -3,11 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from datafiles import (
-    all_items,
-    dm_kwargs,
-    random_nhwc,
-)
+from datafiles import all_items, dm_kwargs, random_nhwc
 
 from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import DataError

@@ -4,11 +4,7 @@ import gc
 
 import pytest
 import torch
-from datafiles import (
-    corrupt_png,
-    dm_kwargs,
-    tree,
-)
+from datafiles import corrupt_png, dm_kwargs, tree
 
 from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import DataError

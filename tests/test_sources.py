@@ -3,14 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from datafiles import (
-    colour,
-    dm_kwargs,
-    file_set,
-    first_pixel,
-    tree,
-    write_csv,
-)
+from datafiles import colour, dm_kwargs, file_set, first_pixel, tree, write_csv
 
 from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import DataError, TLFinetuneError

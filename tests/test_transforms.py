@@ -2,10 +2,7 @@
 
 import pytest
 import torch
-from datafiles import (
-    dm_kwargs,
-    tree,
-)
+from datafiles import dm_kwargs, tree
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2

@@ -23,16 +23,14 @@ unknown labels, missing files named by a CSV) raises :class:`~tlfinetune.errors.
 message that names the culprit; see :class:`ImageDataModule` for ``skip_bad_images``.
 
 The datamodule wires pieces that each live in their own module: :mod:`tlfinetune.sources`
-and :mod:`tlfinetune.arrays` find the images and split them, :mod:`tlfinetune.datasets` reads
-them, :mod:`tlfinetune.transforms` resizes and augments them, :mod:`tlfinetune.sampling` orders
-them, and :mod:`tlfinetune.machine` says how many loader workers this machine affords.
+and :mod:`tlfinetune.arrays` find the images and split them, :mod:`tlfinetune.scan` checks them
+before training, :mod:`tlfinetune.datasets` reads them, :mod:`tlfinetune.transforms` resizes
+and augments them, :mod:`tlfinetune.sampling` orders them, and :mod:`tlfinetune.machine` says
+how many loader workers this machine affords.
 """
 
 import logging
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +39,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tlfinetune.arrays import index_arrays
-from tlfinetune.datasets import ArrayDataset, ImageFileDataset, IndexedDataset, append_lines
+from tlfinetune.datasets import ArrayDataset, ImageFileDataset, IndexedDataset
 from tlfinetune.demo import ensure_demo_dataset
 from tlfinetune.errors import DataError
-from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, list_images, probe_image
+from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, list_images
 from tlfinetune.machine import compute_threads, cpus, default_num_workers
 from tlfinetune.sampling import EpochShuffleSampler
-from tlfinetune.sources import LIST_IN_MESSAGE, Index, Split, index_csv, index_folder
+from tlfinetune.scan import HeaderScan
+from tlfinetune.sources import Index, Split, index_csv, index_folder
 from tlfinetune.transforms import eval_transform, train_transform
 
 __all__ = ["ImageDataModule"]
 
 log = logging.getLogger(__name__)
-
-_SCAN_THREADS_FROM = 256  # header-scan this many files or more on a thread pool
 
 
 class _NoClassNamesError(DataError, AttributeError):
@@ -180,14 +177,14 @@ class ImageDataModule(pl.LightningDataModule):
         self.test_dataset: Dataset | None = None
         self.predict_dataset: Dataset | None = None
         self.train_sampler: EpochShuffleSampler | None = None
-        self.bad_images: list[Path] = []
-        """Images left out so far because of ``skip_bad_images``."""
+        self._scan = HeaderScan(
+            max_image_pixels, skip_bad_images, self._bad_images_file, self._is_global_zero
+        )
         self._index: Index | None = None
         self._arrays: dict[str, Any] | None = None
         self._restored_class_names: list[str] | None = None
         self._predict_split: Split | None = None
         self._predict_files: list[Path] | None = None
-        self._bad_log_started = False
 
     # ---------------------------------------------------------------- constructors
 
@@ -274,6 +271,11 @@ class ImageDataModule(pl.LightningDataModule):
         return self._has_source() and "test" in self._ensure_index().splits
 
     @property
+    def bad_images(self) -> list[Path]:
+        """Images left out so far because of ``skip_bad_images``."""
+        return self._scan.bad_images
+
+    @property
     def predict_files(self) -> list[Path]:
         """The files that predict batch indices refer to (synthetic ``array/NNNNNN`` for arrays)."""
         if self._predict_files is None:
@@ -322,7 +324,7 @@ class ImageDataModule(pl.LightningDataModule):
             )
         return self._index
 
-    # ---------------------------------------------------------------- header scan
+    # ---------------------------------------------------------------- where bad images are listed
 
     def _bad_images_file(self) -> Path:
         if self.bad_images_log is not None:
@@ -336,87 +338,6 @@ class ImageDataModule(pl.LightningDataModule):
     def _is_global_zero(self) -> bool:
         trainer = self.trainer
         return trainer is None or bool(getattr(trainer, "is_global_zero", True))
-
-    def _probe(self, files: Sequence[Path]) -> list[DataError | None]:
-        def check(path: Path) -> DataError | None:
-            try:
-                probe_image(path, self.max_image_pixels)
-            except DataError as exc:
-                return exc
-            return None
-
-        if len(files) >= _SCAN_THREADS_FROM:  # header reads wait on I/O: threads help
-            with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
-                return list(pool.map(check, files))
-        return [check(p) for p in files]
-
-    def _scan(self, splits: Sequence[Split]) -> list[Split]:
-        """Header-checks the files of ``splits``; drops bad ones (skip mode) or raises once."""
-        todo = [s for s in splits if s.files is not None and not s.scanned]
-        found: dict[int, list[tuple[int, DataError]]] = {}
-        for split in todo:
-            results = self._probe(split.files or [])
-            found[id(split)] = [(i, exc) for i, exc in enumerate(results) if exc is not None]
-
-        def describe(split: Split, i: int, exc: DataError) -> str:
-            return f"{split.rows[i]}: {exc}" if split.rows is not None else str(exc)
-
-        bad_all = [(split, i, exc) for split in todo for i, exc in found[id(split)]]
-        if bad_all and not self.skip_bad_images:
-            if len(bad_all) == 1:
-                raise DataError(describe(*bad_all[0]))
-            total = sum(len(s) for s in todo)
-            where = "; ".join(f"{len(found[id(s)])} in {s.origin}" for s in todo if found[id(s)])
-            others = ", ".join(str((s.files or [])[i]) for s, i, _ in bad_all[1:LIST_IN_MESSAGE])
-            more = len(bad_all) - LIST_IN_MESSAGE
-            raise DataError(
-                f"{len(bad_all)} of the {total} images cannot be used ({where}). The first: "
-                f"{describe(*bad_all[0])} The others: {others}"
-                f"{f' and {more} more' if more > 0 else ''}. Set skip_bad_images: true to train "
-                "without them."
-            )
-        out = []
-        todo_ids = {id(s) for s in todo}
-        for split in splits:
-            if id(split) not in todo_ids:
-                out.append(split)
-                continue
-            bad = found[id(split)]
-            if not bad:
-                out.append(replace(split, scanned=True))
-                continue
-            out.append(self._skip(split, bad, describe(split, *bad[0])))
-        return out
-
-    def _skip(self, split: Split, bad: list[tuple[int, DataError]], first: str) -> Split:
-        """Leaves the ``bad`` positions out of ``split``, lists and reports them."""
-        files = split.files or []
-        bad_paths = [files[i] for i, _ in bad]
-        self.bad_images.extend(p for p in bad_paths if p not in self.bad_images)
-        list_file = self._bad_images_file()
-        if self._is_global_zero():
-            if not self._bad_log_started:  # a fresh list per run, not appended to an old one
-                list_file.unlink(missing_ok=True)
-                self._bad_log_started = True
-            append_lines(list_file, [str(p) for p in bad_paths])
-        log.warning(
-            "Skipped %d of the %d images of %s (skip_bad_images); their paths are listed in %s. "
-            "The first: %s",
-            len(bad),
-            len(files),
-            split.origin,
-            list_file,
-            first,
-        )
-        bad_set = {i for i, _ in bad}
-        kept = replace(
-            split.subset([i for i in range(len(files)) if i not in bad_set]), scanned=True
-        )
-        if not kept.labels:
-            raise DataError(
-                f"All {len(files)} images of {split.origin} are unreadable (listed in {list_file})."
-            )
-        return kept
 
     # ---------------------------------------------------------------- datasets
 

@@ -1,0 +1,105 @@
+"""The header scan: bad images named in one error before training, or skipped and listed."""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+from datafiles import dm_kwargs, file_set, tree, truncated_jpeg_bytes
+from PIL import Image
+
+from tlfinetune.data import ImageDataModule
+from tlfinetune.errors import DataError
+
+
+def test_corrupt_and_truncated_images_are_named_before_training(tmp_path):
+    tree(tmp_path, {"a": 3, "b": 3})
+    (tmp_path / "a" / "garbage.png").write_bytes(b"\x89PNG but not really")
+    dm = ImageDataModule(root=tmp_path, **dm_kwargs())
+    with pytest.raises(DataError, match="garbage.png"):
+        dm.setup("fit")
+    (tmp_path / "a" / "garbage.png").unlink()
+    (tmp_path / "b" / "cut.jpg").write_bytes(truncated_jpeg_bytes())
+    with pytest.raises(DataError, match="cut.jpg.*truncated"):
+        ImageDataModule(root=tmp_path, **dm_kwargs()).setup("fit")
+
+
+def test_several_bad_images_in_one_message(tmp_path):
+    tree(tmp_path, {"a": 3, "b": 3})
+    for name in ("x1.jpg", "x2.jpg", "x3.jpg"):
+        (tmp_path / "a" / name).write_bytes(b"junk")
+    with pytest.raises(DataError) as exc:
+        ImageDataModule(root=tmp_path, val_split=0.01, **dm_kwargs()).setup("fit")
+    message = str(exc.value)
+    assert "3 of the" in message and all(n in message for n in ("x1.jpg", "x2.jpg", "x3.jpg"))
+    assert "skip_bad_images" in message and "\n" not in message
+
+
+def test_unreadable_format_is_reported_not_dropped(tmp_path):
+    tree(tmp_path, {"a": 3, "b": 3})
+    (tmp_path / "a" / "phone.heic").write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 64)
+    with pytest.raises(DataError, match=r"phone\.heic.*pillow-heif"):
+        ImageDataModule(root=tmp_path, val_split=0.01, **dm_kwargs()).setup("fit")
+
+
+def test_decompression_bomb_names_file_and_setting(tmp_path):
+    tree(tmp_path, {"a": 3, "b": 3})
+    Image.new("RGB", (100, 100)).save(tmp_path / "b" / "huge.png")
+    dm = ImageDataModule(root=tmp_path, max_image_pixels=5000, val_split=0.01, **dm_kwargs())
+    with pytest.raises(DataError, match=r"huge\.png.*max_image_pixels"):
+        dm.setup("fit")
+    dm = ImageDataModule(root=tmp_path, max_image_pixels=None, val_split=0.01, **dm_kwargs())
+    dm.setup("fit")
+    assert any(p.name == "huge.png" for p in dm.train_dataset.files)
+
+
+def test_skip_bad_images_skips_lists_and_warns(tmp_path, data_log):
+    data = tree(tmp_path / "data", {"a": 4, "b": 4})
+    bad = [data / "a" / "bad.jpg", data / "b" / "phone.heic", data / "b" / "cut.jpg"]
+    bad[0].write_bytes(b"junk")
+    bad[1].write_bytes(b"\0" * 40)
+    bad[2].write_bytes(truncated_jpeg_bytes())
+    log_file = tmp_path / "run" / "bad_images.txt"
+    log_file.parent.mkdir()
+    log_file.write_text("stale line from an earlier run\n")
+    dm = ImageDataModule(
+        root=data, skip_bad_images=True, bad_images_log=log_file, val_split=0.25, **dm_kwargs()
+    )
+    dm.setup("fit")
+    kept = file_set(dm.train_dataset) | file_set(dm.val_dataset)
+    assert len(kept) == 8 and not kept & set(bad)
+    assert sorted(dm.bad_images) == sorted(bad)
+    assert sorted(log_file.read_text().splitlines()) == sorted(str(p) for p in bad)
+    warnings = [r.getMessage() for r in data_log.records if r.levelno == logging.WARNING]
+    assert any("Skipped" in w and str(log_file) in w for w in warnings)
+    total_skipped = sum(int(w.split()[1]) for w in warnings if w.startswith("Skipped"))
+    assert total_skipped == 3
+
+
+def test_skip_bad_images_default_list_location_without_trainer(tmp_path, monkeypatch):
+    data = tree(tmp_path / "data", {"a": 3, "b": 3})
+    (data / "a" / "bad.png").write_bytes(b"junk")
+    monkeypatch.chdir(tmp_path)
+    dm = ImageDataModule(root=data, skip_bad_images=True, val_split=0.01, **dm_kwargs())
+    dm.setup("fit")
+    assert (tmp_path / "bad_images.txt").read_text().split() == [str(data / "a" / "bad.png")]
+
+
+def test_skip_bad_images_list_goes_to_the_trainer_log_dir(tmp_path):
+    data = tree(tmp_path / "data", {"a": 3, "b": 3})
+    (data / "a" / "bad.png").write_bytes(b"junk")
+    dm = ImageDataModule(root=data, skip_bad_images=True, val_split=0.01, **dm_kwargs())
+    dm.trainer = SimpleNamespace(
+        log_dir=str(tmp_path / "runs" / "version_3"), default_root_dir="x", is_global_zero=True
+    )
+    dm.setup("fit")
+    assert (tmp_path / "runs" / "version_3" / "bad_images.txt").is_file()
+
+
+def test_all_images_of_a_class_bad_with_skip(tmp_path):
+    data = tree(tmp_path, {"a": 3})
+    (data / "b").mkdir()
+    (data / "b" / "bad.png").write_bytes(b"junk")
+    (data / "b" / "bad2.png").write_bytes(b"junk")
+    dm = ImageDataModule(root=data, skip_bad_images=True, bad_images_log=tmp_path / "l.txt")
+    with pytest.raises(DataError, match="no class b"):
+        dm.setup("fit")
