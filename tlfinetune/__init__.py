@@ -5,6 +5,9 @@ Data flow, one module per box::
     image folder -> data.ImageDataModule -> module.TransferClassifier(backbone + head)
                                           <- freeze.FreezeSchedule
                  -> lightning Trainer -> checkpoint -> predict / export / report
+
+Inside the datamodule: sources (or arrays) find and split the images, scan checks them, datasets
+decode them, transforms resize them, sampling orders them; machine says how many workers.
 """
 
 import logging as _logging
