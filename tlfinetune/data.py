@@ -92,8 +92,9 @@ class ImageDataModule(pl.LightningDataModule):
         image_size: Side length in pixels of the square images the model receives.
         batch_size: Images per batch.
         num_workers: DataLoader worker processes; ``null`` picks the cores training leaves
-            free (:func:`default_num_workers`): ``cpus - 1`` on a GPU (at most 16), and on the CPU
-            the cores torch's compute threads do not use (0 when they use all of them).
+            free (:func:`~tlfinetune.machine.default_num_workers`): ``cpus - 1`` on a GPU (at
+            most 16), and on the CPU the cores torch's compute threads do not use (0 when they
+            use all of them).
         augment: Random resized crops and horizontal flips for training; ``false`` makes
             training images identical to evaluation images.
         trivial_augment: Also apply TrivialAugmentWide to training images (needs ``augment``).
