@@ -4,6 +4,7 @@ import torch
 from tiny import TinyData, trainer
 
 from tlfinetune import ConfigError, FreezeSchedule, TransferClassifier
+from tlfinetune.freeze import REGIMES, regime_start
 
 
 def snapshot(module):
@@ -149,3 +150,13 @@ def test_schedule_mistakes_are_reported_with_choices(kwargs, words):
         train(model, FreezeSchedule(**kwargs))
     for w in words:
         assert w in str(err.value)
+
+
+def test_regime_start_is_the_one_regime_vocabulary():
+    assert REGIMES == ("frozen", "partial", "full")
+    assert [regime_start(r, "vgg16", 15, 31) for r in REGIMES] == [31, 24, 0]
+    for regime in REGIMES:  # a typo in unfreeze_from fails whatever the regime
+        with pytest.raises(ConfigError, match="block5_conv1"):
+            regime_start(regime, "vgg16", "blok5", 31)
+    with pytest.raises(ConfigError, match="frozen, partial, full"):
+        FreezeSchedule(regime="some")
