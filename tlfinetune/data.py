@@ -44,7 +44,7 @@ from tlfinetune.demo import ensure_demo_dataset
 from tlfinetune.errors import DataError
 from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, list_images
 from tlfinetune.machine import compute_threads, cpus, default_num_workers
-from tlfinetune.sampling import EpochShuffleSampler
+from tlfinetune.sampling import EpochShuffleSampler, ResumableDataLoader
 from tlfinetune.scan import HeaderScan
 from tlfinetune.sources import Index, Split, index_csv, index_folder
 from tlfinetune.transforms import eval_transform, train_transform
@@ -498,9 +498,11 @@ class ImageDataModule(pl.LightningDataModule):
             return self._device_type() == "cuda"
         return torch.cuda.is_available()
 
-    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, sampler: Sampler | None = None, loader: type = DataLoader, **kw: Any
+    ) -> DataLoader:
         workers = self._resolved_num_workers()
-        return DataLoader(
+        return loader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
@@ -509,6 +511,7 @@ class ImageDataModule(pl.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=self._pin_memory(),
             drop_last=False,
+            **kw,
         )
 
     def _current_epoch(self) -> int:
@@ -534,7 +537,12 @@ class ImageDataModule(pl.LightningDataModule):
         sampler = EpochShuffleSampler(len(dataset), self.seed)  # type: ignore[arg-type]
         sampler.set_epoch(self._current_epoch())
         self.train_sampler = sampler
-        return self._loader(dataset, sampler)
+        return self._loader(dataset, sampler, ResumableDataLoader, progress=self._progress)
+
+    def _progress(self) -> tuple[int, int]:
+        """(epoch, batches of it that trained): where a mid-epoch checkpoint resumes."""
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return self._current_epoch(), int(batches)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches, in dataset order."""

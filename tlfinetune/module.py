@@ -328,19 +328,19 @@ class TransferClassifier(pl.LightningModule):
         return f"The last good checkpoint is {path}." if path else "No checkpoint was saved yet."
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Reseed from (seed, epoch) so a resumed run draws what an uninterrupted one draws.
+        """Reseed from (seed, epoch, batch) so a resumed run draws what an uninterrupted one draws.
 
-        Dropout uses the global generators; seeding them at each epoch's first batch makes its
-        stream independent of how many epochs this process has run and of when Lightning
-        created the data iterator (earlier on resume). Only when the run was seeded
-        (``seed_everything`` / ``--seed_everything``).
+        Dropout uses the global generators; seeding them at every batch makes its stream
+        independent of how many epochs or batches this process has run and of when Lightning
+        created the data iterator, so a run resumed mid-epoch goes on exactly as one that was
+        never stopped. Only when the run was seeded (``seed_everything`` / ``--seed_everything``).
         """
         seed = os.environ.get("PL_GLOBAL_SEED")
-        if seed is not None and batch_idx == 0:
-            epoch_seed = (int(seed) * 1_000_003 + self.current_epoch) % 2**32
-            random.seed(epoch_seed)
-            np.random.seed(epoch_seed)
-            torch.manual_seed(epoch_seed)
+        if seed is not None:
+            batch_seed = hash_seed(int(seed), self.current_epoch, batch_idx)
+            random.seed(batch_seed)
+            np.random.seed(batch_seed)
+            torch.manual_seed(batch_seed)
 
     # --- optimizer -----------------------------------------------------------------------------
 
@@ -381,6 +381,11 @@ class TransferClassifier(pl.LightningModule):
             hparams["weights"] = "none"
             checkpoint["hyper_parameters"] = hparams
         checkpoint["tlfinetune"] = {"weights_origin": self.weights_info}
+
+
+def hash_seed(*parts: int) -> int:
+    """A 32-bit seed that depends on every part (numpy's SeedSequence mixes them)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:

@@ -4,15 +4,17 @@ Separate from the datasets so that the reproducibility rules (the same seed and 
 same order; a class's validation split does not move when other classes change) sit in one place.
 """
 
+import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from tlfinetune.errors import DataError
 
-__all__ = ["EpochShuffleSampler", "stratified_split"]
+__all__ = ["EpochShuffleSampler", "ResumableDataLoader", "stratified_split"]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -48,6 +50,74 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that can start an epoch part-way through, where a checkpoint left it.
+
+    Lightning saves the ``state_dict()`` of a stateful training loader in every checkpoint and
+    hands it to ``load_state_dict()`` on resume. The state is the epoch and how many of its
+    batches had trained; the next pass over that same epoch leaves those batches out, drawing
+    their positions from the sampler but loading none of their images. With the ``(seed,
+    epoch)`` order of :class:`EpochShuffleSampler` each image of the interrupted epoch is then
+    trained on exactly once across the two runs, as in an uninterrupted one. ``len`` stays the
+    epoch's full batch count: Lightning counts the skipped batches as done.
+
+    Args:
+        *args: as for ``DataLoader``.
+        progress: returns ``(epoch, batches of it that trained)`` for the running fit.
+        **kwargs: as for ``DataLoader``.
+    """
+
+    def __init__(
+        self, *args: Any, progress: Callable[[], tuple[int, int]] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches to skip in it)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches"}``: where training stands."""
+        if self.progress is None:
+            return {}
+        epoch, batches = self.progress()
+        return {"epoch": int(epoch), "batches": int(batches)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Remember where the checkpoint stood; the next pass over that epoch starts there."""
+        if "epoch" in state_dict:
+            self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches"]))
+
+    def _batches_to_skip(self) -> int:
+        # Asked whenever a pass starts (DataLoader's iterators may ask twice for one pass). Only
+        # passes over the checkpoint's own epoch skip: a checkpoint taken at an epoch's end must
+        # not cut into the next epoch.
+        if self._resume_at is None or self.progress is None:
+            return 0
+        epoch, batches = self._resume_at
+        if epoch == self.progress()[0]:
+            return batches
+        self._resume_at = None  # that epoch is over
+        return 0
+
+    @property
+    def _index_sampler(self) -> Any:
+        # What DataLoader's iterators draw batch positions from (also with persistent workers,
+        # which draw anew each epoch): skipping here loads none of the skipped images.
+        return _SkipFirst(self, super()._index_sampler)
+
+
+class _SkipFirst:
+    """A batch sampler's batches without the first ones its loader skips in this pass."""
+
+    def __init__(self, loader: ResumableDataLoader, batches: Iterable[Any]) -> None:
+        self.loader, self.batches = loader, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.batches), self.loader._batches_to_skip(), None)
 
 
 def stratified_split(

@@ -1,0 +1,100 @@
+"""Resume mid-epoch: a checkpoint taken inside an epoch continues that epoch where it stood."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from tiny import tiny_tensors
+
+from tlfinetune import FreezeSchedule, ImageDataModule, TransferClassifier
+from tlfinetune.runs import AtomicCheckpointIO, RunCheckpoint
+
+pytestmark = pytest.mark.slow
+
+N, BATCH = 40, 4  # 10 batches an epoch
+SAVE_EVERY = 3  # global steps 3, 6, ... : steps 12 and 15 fall inside epoch 1
+STOP_AT = 15  # stop right after the checkpoint of step 15: epoch 1, batches 0-4 trained
+
+
+class Seen(pl.Callback):
+    """Which images each trained batch held: (epoch, batch_idx, image ids)."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        ids = [hash(image.numpy().tobytes()) for image in batch[0]]
+        self.batches.append((trainer.current_epoch, batch_idx, ids))
+
+
+class Record(Seen):
+    """Seen, into a list that outlives a crashed fit."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+
+class Stop(pl.Callback):
+    """A crash right after the checkpoint of step STOP_AT, before the next batch trains."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == STOP_AT:
+            raise KeyboardInterrupt  # Lightning's own handling of Ctrl-C, then an exit
+
+
+def datamodule(workers):
+    x, y = tiny_tensors(n=N + 8, size=32, num_classes=3, seed=1)
+    x = x.permute(0, 2, 3, 1)
+    return ImageDataModule.from_arrays(
+        x[:N], y[:N], x[N:], y[N:], image_size=32, batch_size=BATCH, augment=False,
+        num_workers=workers, seed=5,
+    )  # fmt: skip
+
+
+def fit(folder, *extra, ckpt=None, workers=0):
+    pl.seed_everything(7)
+    model = TransferClassifier(
+        backbone="vgg11", weights="none", head_dropout=0.3, feature_cache=False
+    )
+    seen = Seen()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        deterministic=True,
+        logger=False,
+        default_root_dir=folder,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            FreezeSchedule(regime="partial", unfreeze_from="block5"),
+            RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=SAVE_EVERY),
+            seen,
+            *extra,
+        ],
+        plugins=[AtomicCheckpointIO()],
+    )
+    trainer.fit(model, datamodule(workers), ckpt_path=ckpt)
+    return model, seen.batches
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_stopped_mid_epoch_resumes_where_it_stood(tmp_path, workers):
+    whole, whole_seen = fit(tmp_path / "whole", workers=workers)
+    before = []
+    with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C: shut down, exit 1
+        fit(tmp_path / "stopped", Stop(), Record(before), workers=workers)
+    assert torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)["global_step"] == 15
+    resumed, after = fit(
+        tmp_path / "stopped", ckpt=tmp_path / "stopped" / "last.ckpt", workers=workers
+    )
+    # Epoch 1 trained batches 0-4 before the stop and 5-9 after it: each image exactly once,
+    # in the order the uninterrupted run used.
+    assert [b for e, b, _ in before if e == 1] == [0, 1, 2, 3, 4]
+    assert [b for e, b, _ in after if e == 1] == [5, 6, 7, 8, 9]
+    epoch1 = [ids for e, _, ids in before + after if e == 1]
+    assert epoch1 == [ids for e, _, ids in whole_seen if e == 1]
+    assert sorted(i for ids in epoch1 for i in ids) == sorted(
+        i for e, _, ids in whole_seen if e == 0 for i in ids
+    )  # every training image once
+    assert [(e, b) for e, b, _ in after] == [(e, b) for e, b, _ in whole_seen if (e, b) >= (1, 5)]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
