@@ -1,5 +1,11 @@
 """Resume mid-epoch: a checkpoint taken inside an epoch continues that epoch where it stood."""
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -98,3 +104,41 @@ def test_a_run_stopped_mid_epoch_resumes_where_it_stood(tmp_path, workers):
     assert [(e, b) for e, b, _ in after] == [(e, b) for e, b, _ in whole_seen if (e, b) >= (1, 5)]
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+def test_sigkill_mid_epoch_and_resume_from_the_command_line(tmp_path):
+    """`--checkpoint.every_n_train_steps`, SIGKILL inside an epoch, `fit --ckpt_path last`."""
+    args = [
+        sys.executable, "-m", "tlfinetune", "fit",
+        "--data.root=demo", "--data.image_size=32", "--data.batch_size=32", "--data.augment=false",
+        "--data.num_workers=0", "--model.backbone=vgg11", "--model.weights=none",
+        "--model.head_dropout=0.3", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
+        "--seed_everything=1", "--freeze.regime=partial", "--checkpoint.every_n_train_steps=5",
+        "--model.feature_cache=false",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+
+    def fit(root, *extra):
+        return subprocess.run(
+            [*args, f"--trainer.default_root_dir={root}", *extra],
+            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+        )  # fmt: skip
+
+    # The demo has 360 training images: 12 batches an epoch. Step 15 is saved (every 5 steps);
+    # the kill comes as step 17 (epoch 1, batch 5) is about to run.
+    killed = fit(
+        tmp_path / "b", "--trainer.callbacks+=stop_at.KillAt", "--trainer.callbacks.step=17"
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    last = tmp_path / "b" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 15
+    resumed = fit(tmp_path / "b", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr  # Lightning's warning for a loader that can't
+    whole = fit(tmp_path / "a")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = (torch.load(r / "version_0/checkpoints/last.ckpt", weights_only=True) for r in (
+        tmp_path / "a", tmp_path / "b"))  # fmt: skip
+    assert a["global_step"] == b["global_step"] == 24
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, rtol=0, atol=0, msg=name)

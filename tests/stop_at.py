@@ -1,0 +1,17 @@
+"""A callback for command-line tests: ``--trainer.callbacks+=stop_at.KillAt``."""
+
+import os
+import signal
+
+import lightning.pytorch as pl
+
+
+class KillAt(pl.Callback):
+    """SIGKILL this process when training is about to run global step ``step``: a hard crash."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
