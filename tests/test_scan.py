@@ -103,3 +103,80 @@ def test_all_images_of_a_class_bad_with_skip(tmp_path):
     dm = ImageDataModule(root=data, skip_bad_images=True, bad_images_log=tmp_path / "l.txt")
     with pytest.raises(DataError, match="no class b"):
         dm.setup("fit")
+
+
+# --- the scan record: a second run of the same folder skips unchanged files ----------------------
+
+
+@pytest.fixture
+def probes(monkeypatch):
+    """Record kept from the first file on; the list of files the scan actually probed."""
+    from tlfinetune import scan
+
+    monkeypatch.setattr(scan, "_RECORD_FROM", 1)
+    probed = []
+    real = scan.probe_image
+
+    def probe(path, limit):
+        probed.append(path.name)
+        return real(path, limit)
+
+    monkeypatch.setattr(scan, "probe_image", probe)
+    return probed
+
+
+def fit_setup(root, **kwargs):
+    dm = ImageDataModule(root=root, val_split=0.25, **dm_kwargs(**kwargs))
+    dm.setup("fit")
+    return dm
+
+
+def test_a_second_scan_checks_only_new_and_changed_files(tmp_path, probes, data_log):
+    data = tree(tmp_path / "data", {"a": 4, "b": 4})
+    fit_setup(data)
+    assert len(probes) == 8 and (data / ".tlfinetune-scan.tsv").is_file()
+    probes.clear()
+    fit_setup(data)
+    assert probes == []
+    assert "8 of 8 files unchanged" in data_log.text
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(data / "a" / "img001.png")  # changed
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(data / "b" / "new.png")  # new
+    probes.clear()
+    dm = fit_setup(data)
+    assert sorted(probes) == ["img001.png", "new.png"]
+    assert len(dm.train_dataset) + len(dm.val_dataset) == 9
+    probes.clear()
+    fit_setup(data)
+    assert probes == []  # the rescanned files were recorded in turn
+
+
+def test_a_recorded_file_that_went_bad_is_caught(tmp_path, probes):
+    data = tree(tmp_path / "data", {"a": 4, "b": 4})
+    fit_setup(data)
+    (data / "b" / "img002.png").write_bytes(b"\x89PNG but not really")
+    with pytest.raises(DataError, match="img002.png"):
+        fit_setup(data)
+    with pytest.raises(DataError, match="img002.png"):  # bad files are never recorded good
+        fit_setup(data)
+
+
+def test_a_record_made_under_another_pixel_limit_is_not_used(tmp_path, probes):
+    data = tree(tmp_path / "data", {"a": 4, "b": 4})
+    fit_setup(data, max_image_pixels=None)
+    probes.clear()
+    with pytest.raises(DataError, match="max_image_pixels"):
+        fit_setup(data, max_image_pixels=100)  # every image is 120 pixels
+    assert len(probes) == 8
+
+
+def test_read_only_data_keeps_its_record_in_the_cache_folder(tmp_path, probes, monkeypatch):
+    from tlfinetune import scan
+
+    data = tree(tmp_path / "data", {"a": 4, "b": 4})
+    monkeypatch.setattr(scan.os, "access", lambda path, mode: False)  # root ignores chmod
+    fit_setup(data)
+    assert not (data / ".tlfinetune-scan.tsv").exists()
+    assert len(list((scan.demo_cache_root() / "scans").glob("*.tsv"))) == 1
+    probes.clear()
+    fit_setup(data)
+    assert probes == []

@@ -4,27 +4,113 @@ Reading every image's header (no full decode; a JPEG or PNG without its end mark
 confirm truncation) is cheap next to an epoch, and turns a crash in the middle of training into
 one error before it that names every bad file. With ``skip_bad_images`` the bad files are left
 out instead, with a warning and a list file.
+
+On a large folder even headers take a while (100,000 files: tens of seconds, more from a cold
+disk), so the files found good are written to a scan record beside the data
+(``.tlfinetune-scan.tsv``; in the cache folder when the data's folder cannot be written). A later
+run scans only the files that are new or changed since (size or modification time differ).
 """
 
+import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from tlfinetune.datasets import append_lines
+from tlfinetune.demo import demo_cache_root
 from tlfinetune.errors import DataError
 from tlfinetune.images import probe_image
 from tlfinetune.sources import LIST_IN_MESSAGE, Split
 
-__all__ = ["HeaderScan"]
+__all__ = ["HeaderScan", "ScanRecord"]
 
 # The records keep the logger name they had when this was part of data.py, so logging settings
 # for tlfinetune.data still apply to them.
 log = logging.getLogger("tlfinetune.data")
 
 _SCAN_THREADS_FROM = 256  # header-scan this many files or more on a thread pool
+_RECORD_FROM = 1000  # keep a scan record for scans of this many files or more
+RECORD_NAME = ".tlfinetune-scan.tsv"
+_RECORD_VERSION = "1"
+
+
+class ScanRecord:
+    """The files an earlier header scan found good, by size and modification time.
+
+    One record per folder (the deepest folder holding every scanned file); paths in it are
+    relative to that folder. A file counts as checked while its size and modification time are
+    those recorded; anything else is scanned again. Only good files are recorded: a bad file is
+    scanned on every run, so its error stays current. The pixel limit is part of the record: a
+    record made under another limit is not used.
+
+    Args:
+        folder: The folder the files lie under.
+        max_image_pixels: The pixel limit the verdicts were made under.
+    """
+
+    def __init__(self, folder: Path, max_image_pixels: int | None) -> None:
+        self.folder = folder
+        self.header = (
+            f"# tlfinetune scan record v{_RECORD_VERSION} max_image_pixels={max_image_pixels}"
+        )
+        self.path = self._where()
+        self.good: dict[str, tuple[int, int]] = self._read()
+
+    def _where(self) -> Path:
+        beside = self.folder / RECORD_NAME
+        if os.access(self.folder, os.W_OK) and (not beside.exists() or os.access(beside, os.W_OK)):
+            return beside
+        digest = hashlib.sha1(str(self.folder.resolve()).encode()).hexdigest()[:16]
+        return demo_cache_root() / "scans" / f"{digest}.tsv"  # read-only data: keep it aside
+
+    def _read(self) -> dict[str, tuple[int, int]]:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return {}
+        if not lines or lines[0] != self.header:
+            return {}  # another format or pixel limit: its verdicts do not apply
+        good = {}
+        for line in lines[1:]:
+            size, mtime, name = line.split("\t", 2)
+            good[name] = (int(size), int(mtime))
+        return good
+
+    @staticmethod
+    def stamp(path: Path) -> tuple[int, int] | None:
+        """(size, modification time in ns) of ``path``, None when it cannot be read."""
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def key(self, path: Path) -> str:
+        """The record's name for ``path``."""
+        return os.path.relpath(path, self.folder)
+
+    def unchanged(self, path: Path, stamp: tuple[int, int] | None) -> bool:
+        """Whether ``path`` was found good and has not changed since."""
+        return stamp is not None and self.good.get(self.key(path)) == stamp
+
+    def save(self, checked: Iterable[tuple[Path, tuple[int, int] | None]]) -> None:
+        """Record these good files (with the stamps taken before they were checked)."""
+        for path, stamp in checked:
+            if stamp is not None:
+                self.good[self.key(path)] = stamp
+        lines = [self.header, *(f"{s}\t{m}\t{name}" for name, (s, m) in self.good.items())]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+            os.replace(tmp, self.path)  # a crash while writing leaves the old record whole
+        except OSError as exc:
+            log.info(f"Scan record not written ({self.path}: {exc}); the next run scans again.")
 
 
 class HeaderScan:
@@ -67,16 +153,45 @@ class HeaderScan:
                 return list(pool.map(check, files))
         return [check(p) for p in files]
 
+    def _probe_recorded(self, files: Sequence[Path]) -> list[DataError | None]:
+        """:meth:`_probe`, skipping the files a scan record says are good and unchanged."""
+        record = self._record(files)
+        if record is None:
+            return self._probe(files)
+        stamps = [ScanRecord.stamp(p) for p in files]  # taken before the check: a file that
+        todo = [i for i, p in enumerate(files) if not record.unchanged(p, stamps[i])]  # changes
+        results: list[DataError | None] = [None] * len(files)  # during it is checked again
+        for i, exc in zip(todo, self._probe([files[i] for i in todo]), strict=True):
+            results[i] = exc
+        if len(todo) < len(files):
+            log.info(
+                f"Header scan: {len(files) - len(todo):,} of {len(files):,} files unchanged since "
+                f"the scan recorded in {record.path}; checked the other {len(todo):,}."
+            )
+        if self.write_list() and todo:
+            record.save((files[i], stamps[i]) for i in todo if results[i] is None)
+        return results
+
+    def _record(self, files: Sequence[Path]) -> ScanRecord | None:
+        if len(files) < _RECORD_FROM:  # a small folder scans in no time: leave no file in it
+            return None
+        try:
+            folder = Path(os.path.commonpath([os.path.abspath(p) for p in files]))
+        except ValueError:  # different drives
+            return None
+        return ScanRecord(folder if folder.is_dir() else folder.parent, self.max_image_pixels)
+
     def __call__(self, splits: Sequence[Split]) -> list[Split]:
         """Header-checks the files of ``splits``; drops bad ones (skip mode) or raises once.
 
         Splits already scanned and in-memory splits are returned as they are.
         """
         todo = [s for s in splits if s.files is not None and not s.scanned]
+        results = iter(self._probe_recorded([f for s in todo for f in s.files or []]))
         found: dict[int, list[tuple[int, DataError]]] = {}
         for split in todo:
-            results = self._probe(split.files or [])
-            found[id(split)] = [(i, exc) for i, exc in enumerate(results) if exc is not None]
+            errors = [next(results) for _ in split.files or []]
+            found[id(split)] = [(i, exc) for i, exc in enumerate(errors) if exc is not None]
 
         def describe(split: Split, i: int, exc: DataError) -> str:
             return f"{split.rows[i]}: {exc}" if split.rows is not None else str(exc)
