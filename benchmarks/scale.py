@@ -1,0 +1,128 @@
+"""Dataset scale: what a folder of N images costs before and during training.
+
+Generates N JPEGs of mixed sizes into class folders (a process pool: 100,000 at 64 px take a
+minute or two here), then measures in this process:
+
+- the header scan: files/s on the first run and on a second run that finds the scan record;
+- time to the first training step of ``trainer.fit`` (indexing, scan, model, loaders);
+- with ``--epochs``: first-epoch and later (cached) epoch images/s, peak RSS, cache size.
+
+Example::
+
+    python benchmarks/scale.py --images 100000 --image_size 64 --epochs 0
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+from jsonargparse import CLI
+from PIL import Image
+
+from tlfinetune import FreezeSchedule, ImageDataModule, TransferClassifier
+from tlfinetune.scan import RECORD_NAME
+
+CLASSES = 10
+
+
+def _write_chunk(args: tuple[str, int, int, int]) -> None:
+    root, start, stop, side = args
+    rng = np.random.default_rng(start)
+    for i in range(start, stop):
+        w, h = (int(side * f) for f in rng.uniform(0.75, 1.5, size=2))
+        pixels = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).resize((w, h))  # smooth: JPEG sizes of real photos
+        folder = Path(root) / f"class{i % CLASSES}"
+        image.save(folder / f"{i:07d}.jpg", quality=85)
+
+
+def generate(root: Path, n: int, side: int) -> float:
+    """Write ``n`` JPEGs into ``root/class*/``; seconds taken."""
+    t = time.perf_counter()
+    for c in range(CLASSES):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+    chunks = [(str(root), s, min(n, s + 2000), side) for s in range(0, n, 2000)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        list(pool.map(_write_chunk, chunks))
+    return time.perf_counter() - t
+
+
+class FirstStep(pl.Callback):
+    """Seconds from ``start`` to the first training step, and per-epoch times."""
+
+    def __init__(self, start: float) -> None:
+        self.start, self.first_step, self.epochs = start, None, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        if self.first_step is None:
+            self.first_step = time.perf_counter() - self.start
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: D102
+        self._t = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
+        self.epochs.append(time.perf_counter() - self._t)
+
+
+def scale(
+    images: int = 10_000,
+    image_size: int = 64,
+    epochs: int = 0,
+    folder: str = "/tmp/tlfinetune-scale",
+    keep: bool = True,
+) -> dict:
+    """Generate (or reuse) the folder and measure; prints and returns the numbers.
+
+    Args:
+        images: Number of JPEGs in the folder.
+        image_size: Typical side of the JPEGs and the training image size.
+        epochs: Epochs of ``trainer.fit`` (frozen regime, VGG16, cache on); 0: up to the first
+            training step only.
+        folder: Where the images go (reused when it holds ``images`` files already).
+        keep: Keep the folder afterwards.
+    """
+    root = Path(folder) / f"n{images}-{image_size}px"
+    if len(list(root.glob("class*/*.jpg"))) != images:
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"generated {images} JPEGs in {generate(root, images, image_size):.1f} s")
+    out: dict = {"images": images}
+    for run in ("first scan", "with record"):
+        if run == "first scan":
+            (root / RECORD_NAME).unlink(missing_ok=True)
+        t = time.perf_counter()
+        ImageDataModule(root=root, image_size=image_size, augment=False).setup("fit")
+        seconds = time.perf_counter() - t
+        out[f"setup s ({run})"] = round(seconds, 2)
+        out[f"files/s ({run})"] = round(images / seconds)
+    start = time.perf_counter()
+    timer = FirstStep(start)
+    dm = ImageDataModule(root=root, image_size=image_size, augment=False, batch_size=32)
+    (root / RECORD_NAME).unlink(missing_ok=True)  # the first run of a new folder scans all
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=max(epochs, 1), limit_train_batches=None if epochs else 1,
+        limit_val_batches=None if epochs else 0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[FreezeSchedule(regime="frozen"), timer],
+    )  # fmt: skip
+    trainer.fit(TransferClassifier(weights="none"), dm)
+    out["time to first step s"] = round(timer.first_step, 2)
+    if epochs:
+        n = len(dm.train_dataset)
+        out["epoch img/s"] = [round(n / s, 1) for s in timer.epochs]
+    out["peak RSS MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    for key, value in out.items():
+        print(f"{key:>28}: {value}")
+    if not keep:
+        shutil.rmtree(root)
+    return out
+
+
+if __name__ == "__main__":
+    CLI(scale)
