@@ -19,7 +19,7 @@ for precision in bf16-mixed 16-mixed; do
 done
 for precision in bf16-mixed 16-mixed; do
     # The bound is measured after every row (9 times): 1 s each is plenty at ~8,000 img/s.
-    timeout 200 python -m tlfinetune bench --device cuda --image_size 224 --batch_size 64 \
+    timeout 200 python benchmarks/bench.py --device cuda --image_size 224 --batch_size 64 \
         --images 2048 --epochs 3 --precision "$precision" --num_workers 12 --bound_seconds 1 \
         --output "$out/bench_$precision.md" > "$out/bench_$precision.log" 2>&1
 done

@@ -1,12 +1,17 @@
 """Shared fixtures: tiny images on disk, a private demo cache, the tlfinetune log records."""
 
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# The benchmark harness lives beside the package (benchmarks/bench.py), run as a script there;
+# its tests import it as the script itself does, from its own folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.fixture(scope="session", autouse=True)

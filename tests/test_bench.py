@@ -1,11 +1,12 @@
-"""The benchmark runs on a tiny setting and writes its table. No test here asserts a time."""
+"""benchmarks/bench.py runs on a tiny setting and writes its table. No test asserts a time.
+
+The harness lives beside the package, not in it; conftest.py puts benchmarks/ on sys.path.
+"""
 
 import math
 
 import pytest
-
-from tlfinetune.bench import bench
-from tlfinetune.cli import main
+from bench import bench, main
 
 TINY = {
     "image_size": 32,
@@ -65,16 +66,14 @@ def test_bench_tiny_frozen_with_peers(tmp_path):
     assert len(table) == len(res["rows"])
     first = res["rows"][0]
     assert f"| {first['first_ips'] / first['bound']:.2f}× |" in table[0]
-    assert res["command"].startswith("python -m tlfinetune bench ")
+    assert res["command"].startswith("python benchmarks/bench.py ")
 
 
 @pytest.mark.slow
 def test_bench_command_line(tmp_path, capsys):
     out = tmp_path / "sub" / "table.md"
     args = [f"--{k}={v}" for k, v in TINY.items()]
-    main(
-        ["bench", *args, "--regimes=partial", "--peers=none", "--uncached=none", f"--output={out}"]
-    )
+    main([*args, "--regimes=partial", "--peers=none", "--uncached=none", f"--output={out}"])
     text = out.read_text(encoding="utf-8")
     rows = [line for line in text.splitlines() if line.startswith("| tlfinetune | partial |")]
     assert len(rows) == 1
@@ -84,7 +83,7 @@ def test_bench_command_line(tmp_path, capsys):
 
 def test_bench_help(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["bench", "--help"])
+        main(["--help"])
     assert exc.value.code == 0
     help_text = capsys.readouterr().out
     for flag in ("--image_size", "--batch_size", "--precision", "--regimes", "--peers", "--output"):
@@ -93,7 +92,7 @@ def test_bench_help(capsys):
 
 def test_bench_rejects_unknown_regime(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["bench", "--regimes=frozen,bogus", f"--output={tmp_path / 'x.md'}"])
+        main(["--regimes=frozen,bogus", f"--output={tmp_path / 'x.md'}"])
     assert exc.value.code == 2
     assert "bogus" in capsys.readouterr().err
     assert not (tmp_path / "x.md").exists()

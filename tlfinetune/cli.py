@@ -1,4 +1,4 @@
-"""Command line: ``python -m tlfinetune {fit,validate,test,predict,export,compare,bench}``.
+"""Command line: ``python -m tlfinetune {fit,validate,test,predict,export,compare}``.
 
 fit/validate/test/predict are LightningCLI subcommands over TransferClassifier and
 ImageDataModule, with the FreezeSchedule as its own argument group (``--freeze.*``). Every run of
@@ -282,7 +282,7 @@ def read_hparams(path: Path) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if not k.startswith("_")}
 
 
-EXTRA_COMMANDS = ("export", "compare", "bench")
+EXTRA_COMMANDS = ("export", "compare")
 # Lightning warnings that do not apply to how this CLI uses it.
 NOISE = (
     ".*callbacks used to create the checkpoint need to be provided.*",

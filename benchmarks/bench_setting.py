@@ -1,6 +1,6 @@
-"""The setting of one ``python -m tlfinetune bench`` run, shared by every setup it measures.
+"""The setting of one ``python benchmarks/bench.py`` run, shared by every setup it measures.
 
-Resolved once by :func:`tlfinetune.bench.bench` and handed to tlfinetune's own run and to each
+Resolved once by :func:`bench.bench` and handed to tlfinetune's own run and to each
 peer, so that they all train on the same data, image size, batch size, precision and frozen
 layers.
 """

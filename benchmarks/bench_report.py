@@ -1,7 +1,7 @@
-"""The markdown report of a ``python -m tlfinetune bench`` run.
+"""The markdown report of a ``python benchmarks/bench.py`` run.
 
 The header (setting, machine, no_grad forward bound, decode speed), the table of rows and the
-notes, built from what :func:`tlfinetune.bench.bench` collected. Kept apart from the
+notes, built from what :func:`bench.bench` collected. Kept apart from the
 measurements so that the report's layout can change without touching how anything is measured.
 """
 
@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from tlfinetune.bench_measure import Result
+from bench_measure import Result
 
 __all__ = ["markdown"]
 

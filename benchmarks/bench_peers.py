@@ -1,4 +1,4 @@
-"""The peers ``python -m tlfinetune bench`` compares tlfinetune against, in the same process.
+"""The peers ``python benchmarks/bench.py`` compares tlfinetune against, in the same process.
 
 A plain hand-written PyTorch loop (:func:`torch_peer`) and the seed's Keras code on TensorFlow
 (:func:`keras_peer`), each doing the same job as tlfinetune's ``trainer.fit`` on the same
@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_measure import PeakMemory, Result, _autocast, _sync
+from bench_setting import _Setting
 from torch import nn
 
 from tlfinetune import backbone as bb
-from tlfinetune.bench_measure import PeakMemory, Result, _autocast, _sync
-from tlfinetune.bench_setting import _Setting
 from tlfinetune.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["keras_peer", "torch_peer"]

@@ -1,8 +1,8 @@
-"""How ``python -m tlfinetune bench`` measures, and the row a measurement fills.
+"""How ``python benchmarks/bench.py`` measures, and the row a measurement fills.
 
 The timers, memory samplers and reference speeds every setup is measured with (tlfinetune's own
 ``trainer.fit`` and the peers alike), so that all rows of the table are measured the same way;
-:class:`Result` is that row. :mod:`tlfinetune.bench` documents what each measurement means.
+:class:`Result` is that row. ``bench.py`` documents what each measurement means.
 """
 
 from __future__ import annotations

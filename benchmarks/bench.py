@@ -1,4 +1,4 @@
-"""``python -m tlfinetune bench``: training throughput per regime, against its own lower bound.
+"""``python benchmarks/bench.py``: training throughput per regime, against its own lower bound.
 
 One process, one run, one table. For each regime (``frozen``, ``partial``, ``full``) at the given
 image size, batch size and precision it measures:
@@ -11,8 +11,8 @@ image size, batch size and precision it measures:
 - the ratio of those to the **no_grad forward bound**: the same backbone, channels-last, under
   the same autocast, run under ``torch.no_grad`` on one fixed batch of the same size, measured
   in the same process. A training step does at least that much work, unless a cache skips it;
-- whether the feature cache (``tlfinetune.cache.FeatureCache``) served the epochs, when the
-  package has one, and the same regime with the cache switched off, when that can be done;
+- whether the feature cache (``tlfinetune.cache.FeatureCache``) served the epochs, and the same
+  regime with the cache switched off (``TransferClassifier(feature_cache=False)``);
 - peak memory during training: resident memory of this process (sampled every 10 ms), and on
   CUDA ``torch.cuda.max_memory_allocated``;
 - data decode + transform images/s on their own (no model): in the main process and through the
@@ -23,22 +23,21 @@ image size, batch size and precision it measures:
 
 Times are wall-clock (``time.perf_counter``); nothing here asserts a time.
 
-This module runs the benchmark and holds its command line; the pieces live beside it, and the
-public names are re-exported here, so ``from tlfinetune.bench import ...`` keeps working:
+The harness measures the package from outside it (as timm keeps ``benchmark.py`` beside
+``timm/``): this script runs the benchmark and holds its command line, and the pieces live beside
+it in ``benchmarks/``:
 
-- :mod:`tlfinetune.bench_measure`: :class:`Result` (one row of the table) and the measurements
+- ``bench_measure.py``: :class:`Result` (one row of the table) and the measurements
   (:class:`EpochTimer`, :class:`PeakMemory`, :func:`forward_bound`, :func:`measure_decode`);
-- :mod:`tlfinetune.bench_setting`: the setting every setup of a run shares;
-- :mod:`tlfinetune.bench_peers`: :func:`torch_peer` and :func:`keras_peer`;
-- :mod:`tlfinetune.bench_report`: the markdown report (:func:`markdown`).
+- ``bench_setting.py``: the setting every setup of a run shares;
+- ``bench_peers.py``: :func:`torch_peer` and :func:`keras_peer`;
+- ``bench_report.py``: the markdown report (:func:`markdown`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
-import inspect
 import logging
 import os
 import shlex
@@ -46,7 +45,6 @@ import sys
 import tempfile
 import time
 import traceback
-import typing
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -55,10 +53,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from PIL import Image
-
-from tlfinetune import backbone as bb
-from tlfinetune.bench_measure import (
+from bench_measure import (
     EpochTimer,
     PeakMemory,
     Result,
@@ -66,12 +61,16 @@ from tlfinetune.bench_measure import (
     forward_bound,
     measure_decode,
 )
-from tlfinetune.bench_peers import keras_peer, torch_peer
-from tlfinetune.bench_report import _machine, markdown
-from tlfinetune.bench_setting import _Setting
-from tlfinetune.data import ImageDataModule, compute_threads, default_num_workers
+from bench_peers import keras_peer, torch_peer
+from bench_report import _machine, markdown
+from bench_setting import _Setting
+from jsonargparse import CLI
+from PIL import Image
+
+from tlfinetune import backbone as bb
+from tlfinetune.data import compute_threads, default_num_workers
 from tlfinetune.demo import DEMO_CLASSES, render_demo_image
-from tlfinetune.errors import ConfigError
+from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.module import TransferClassifier
 
@@ -117,44 +116,13 @@ def write_images(
 # --- the tlfinetune setup ------------------------------------------------------------------------
 
 
-def _cache_switch() -> tuple[str, dict[str, Any], dict[str, Any], list[Any]] | None:
-    """How to switch the feature cache off, if this version of the package has one.
-
-    Returns ``(how, model kwargs, data kwargs, extra callbacks)``, or None.
-    """
-    for cls, target in ((TransferClassifier, "model"), (ImageDataModule, "data")):
-        if "feature_cache" in inspect.signature(cls.__init__).parameters:
-            kw = {"feature_cache": False}
-            return (
-                f"{cls.__name__}(feature_cache=False)",
-                kw if target == "model" else {},
-                kw if target == "data" else {},
-                [],
-            )
-    try:
-        from tlfinetune.cache import FeatureCache  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    if "enabled" in inspect.signature(FeatureCache.__init__).parameters:
-        return (
-            "FeatureCache(enabled=False) in the Trainer's callbacks",
-            {},
-            {},
-            [FeatureCache(enabled=False)],
-        )
-    return None
-
-
 def run_tlfinetune(
-    s: _Setting, regime: str, *, cache_off: tuple[Any, ...] | None = None, label: str = "tlfinetune"
+    s: _Setting, regime: str, *, cache_off: bool = False, label: str = "tlfinetune"
 ) -> Result:
     """``trainer.fit`` on the normal path, timed per epoch."""
     torch.manual_seed(s.seed)
-    model_kw, data_kw, extra = (
-        (cache_off[1], cache_off[2], cache_off[3]) if cache_off else ({}, {}, [])
-    )
-    dm = s.datamodule(**data_kw)
-    model = TransferClassifier(backbone=s.backbone, weights=s.weights, **model_kw)
+    dm = s.datamodule()
+    model = TransferClassifier(backbone=s.backbone, weights=s.weights, feature_cache=not cache_off)
     timer = EpochTimer(s.device)
     row = Result(label, regime)
     t0 = time.perf_counter()
@@ -170,7 +138,7 @@ def run_tlfinetune(
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=s.work_dir,
-        callbacks=[FreezeSchedule(regime=regime, unfreeze_from=s.unfreeze_from), *extra, timer],
+        callbacks=[FreezeSchedule(regime=regime, unfreeze_from=s.unfreeze_from), timer],
     )
     with PeakMemory(s.device) as mem:
         trainer.fit(model, dm)
@@ -259,8 +227,7 @@ def bench(
             loop), ``keras`` (the seed's code, when TensorFlow is installed); ``none`` for none.
         num_workers: DataLoader workers, the same for every setup; default what the data
             module picks for this device (:func:`tlfinetune.data.default_num_workers`).
-        uncached: regimes also run with the feature cache switched off, when the package has
-            a switch for it.
+        uncached: regimes also run with the feature cache switched off.
         data: an ImageFolder-layout folder (or ``demo``) to train on instead of synthetic
             images.
         image_format: ``jpeg`` or ``png`` for the synthetic images.
@@ -290,7 +257,7 @@ def bench(
     run_precision = "bf16-mixed" if precision == "16-mixed" and dev.type == "cpu" else precision
     if run_precision != precision:
         notes.append(f"{precision} on the CPU runs as {run_precision}, as Lightning does.")
-    command = "python -m tlfinetune bench " + shlex.join(
+    command = "python benchmarks/bench.py " + shlex.join(
         f"--{k}={v}"
         for k, v in (
             ("image_size", image_size),
@@ -377,11 +344,8 @@ def bench(
 
         measure_bound(("channels_last", "nchw"))
 
-        switch = _cache_switch() if uncached_list else None
-        if uncached_list and switch is None:
-            notes.append("No switch to turn a feature cache off was found: no uncached rows.")
-        elif switch is not None:
-            notes.append(f"'tlfinetune, cache off' rows: {switch[0]}.")
+        if uncached_list:
+            notes.append("'tlfinetune, cache off' rows: TransferClassifier(feature_cache=False).")
         keras_ok = False
         if "keras" in peer_list:
             try:
@@ -417,11 +381,9 @@ def bench(
 
         for regime in regime_list:
             add("tlfinetune", regime, functools.partial(run_tlfinetune, s, regime))
-            if switch is not None and regime in uncached_list:
+            if regime in uncached_list:
                 label = "tlfinetune, cache off"
-                run = functools.partial(
-                    run_tlfinetune, s, regime, cache_off=_cache_switch(), label=label
-                )
+                run = functools.partial(run_tlfinetune, s, regime, cache_off=True, label=label)
                 add(label, regime, run)
             if "torch" in peer_list:
                 add("plain PyTorch", regime, functools.partial(peer, regime))
@@ -452,7 +414,7 @@ def bench(
         "other processes competed for the CPU and the row's times are pessimistic.",
         "plain PyTorch: torchvision VGG features + the seed's Flatten-Dense(256)-Dense head, "
         "requires_grad=False on the frozen layers, Adam, NCHW, autocast for mixed precision, the "
-        "same DataLoader (tlfinetune.bench.torch_peer documents it line by line).",
+        "same DataLoader (benchmarks/bench_peers.py: torch_peer documents it line by line).",
     ]
     results: dict[str, Any] = {
         "config": {
@@ -494,47 +456,18 @@ def _line(row: Result) -> str:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    """The command line of :func:`bench`, built from its signature and its docstring."""
-    doc = inspect.getdoc(bench) or ""
-    summary, _, rest = doc.partition("\n\n")
-    helps: dict[str, str] = {}
-    name = None
-    for line in rest.split("Args:", 1)[-1].split("Returns:", 1)[0].splitlines():
-        head, sep, text = line.strip().partition(": ")
-        if sep and line.startswith("    ") and not line.startswith("     "):
-            name, helps[head] = head, text
-        elif name and line.strip():
-            helps[name] += " " + line.strip()
-    parser = argparse.ArgumentParser(
-        prog="tlfinetune bench",
-        description=summary,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    hints = typing.get_type_hints(bench)
-    for param in inspect.signature(bench).parameters.values():
-        hint = hints[param.name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional = type(None) in typing.get_args(hint)
-        kwargs: dict[str, Any] = {"default": param.default, "help": helps.get(param.name, "")}
-        if typing.get_origin(hint) is Literal:
-            kwargs["choices"] = list(args)
-        else:
-            base = args[0] if optional else hint
-            kwargs["type"] = _or_none(base) if optional else base
-        parser.add_argument(f"--{param.name}", **kwargs)
-    return parser
-
-
-def _or_none(base: type) -> Any:
-    def parse(text: str) -> Any:
-        return None if text.lower() in ("none", "null", "") else base(text)
-
-    parse.__name__ = base.__name__
-    return parse
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    """``tlfinetune bench [--image_size 64] [--batch_size 32] [--precision 32-true] ...``."""
-    args = _parser().parse_args(None if argv is None else list(argv))
-    bench(**vars(args))
+    """``python benchmarks/bench.py [--image_size 64] [--batch_size 32] ...``: see :func:`bench`.
+
+    The flags are :func:`bench`'s typed signature, read by jsonargparse as the package's own
+    command line is; a bad value is one paragraph on stderr and exit status 2.
+    """
+    try:
+        CLI(bench, args=None if argv is None else list(argv), as_positional=False)
+    except TLFinetuneError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
