@@ -18,6 +18,11 @@ modules, because torchvision keeps each ReLU as its own module::
 So the seed's ``for layer in base_model.layers[:15]: layer.trainable = False`` is
 ``features[:24]`` frozen, ``features[24:]`` (block5) trainable. The ``_bn`` variants put a
 BatchNorm after each conv; their table shifts accordingly and is built from the same config.
+
+``test_vgg16`` is a test-only stand-in, as timm ships ``test_*`` models: VGG16's layout (the same
+31 modules, Keras names and block slices) with 1/16 of its channels (4-8-16-32-32), about 60k
+parameters instead of 15M. The test suite uses it for logic that does not depend on the real
+network's size; no ImageNet weights exist for it.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ class BackboneSpec:
 
     features: Callable[[], nn.Sequential]  # randomly initialised, as torchvision initialises it
     model: Callable[..., nn.Module]  # the whole torchvision model (for its classifier)
-    weights_enum: type[torchvision.models.WeightsEnum]
+    weights_enum: type[torchvision.models.WeightsEnum] | None  # None: no ImageNet weights exist
     layers: tuple[Layer, ...]
     num_modules: int  # len(features)
 
@@ -75,9 +80,16 @@ def vgg_layers(cfg: list[int | str], batch_norm: bool) -> tuple[tuple[Layer, ...
     return tuple(layers), index
 
 
+# torchvision's VGG configs, plus "D/16": "D" (VGG16) with 1/16 of the channels, for test_vgg16.
+CFGS: dict[str, list[int | str]] = {
+    **tv_vgg.cfgs,
+    "D/16": [v if v == "M" else v // 16 for v in tv_vgg.cfgs["D"]],
+}
+
+
 def _vgg_features(cfg: str, batch_norm: bool) -> nn.Sequential:
     # torchvision builds the 138M-parameter classifier too; the backbone alone is 15M.
-    features = tv_vgg.make_layers(tv_vgg.cfgs[cfg], batch_norm=batch_norm)
+    features = tv_vgg.make_layers(CFGS[cfg], batch_norm=batch_norm)
     for m in features.modules():  # the same initialisation as torchvision.models.VGG
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -89,9 +101,29 @@ def _vgg_features(cfg: str, batch_norm: bool) -> nn.Sequential:
 
 
 def _vgg(model: Callable[..., nn.Module], weights_enum: Any, cfg: str, bn: bool) -> BackboneSpec:
-    layers, num_modules = vgg_layers(tv_vgg.cfgs[cfg], bn)
+    layers, num_modules = vgg_layers(CFGS[cfg], bn)
     features = functools.partial(_vgg_features, cfg, bn)
     return BackboneSpec(features, model, weights_enum, layers, num_modules)
+
+
+def _test_vgg16(*, weights: None = None) -> nn.Module:
+    """test_vgg16 as a whole model: the narrow features and a VGG-shaped classifier (fc 64 wide).
+
+    The same layout as torchvision's ``VGG.classifier`` (fc6, relu, dropout, fc7, relu, dropout,
+    fc8), so the ``torchvision`` head and its weights handling work on it unchanged.
+    """
+    model = nn.Module()
+    model.features = _vgg_features("D/16", False)
+    model.classifier = nn.Sequential(
+        nn.Linear(32 * 7 * 7, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, 1000),
+    )
+    return model
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -103,6 +135,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "vgg16_bn": _vgg(tv_vgg.vgg16_bn, tv_vgg.VGG16_BN_Weights, "D", True),
     "vgg19": _vgg(tv_vgg.vgg19, tv_vgg.VGG19_Weights, "E", False),
     "vgg19_bn": _vgg(tv_vgg.vgg19_bn, tv_vgg.VGG19_BN_Weights, "E", True),
+    "test_vgg16": _vgg(_test_vgg16, None, "D/16", False),  # test-only: see the module docstring
 }
 
 
@@ -170,7 +203,15 @@ def block_of(name: str, index: int) -> str:
 
 def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
     """The ImageNet weights torchvision publishes for ``name``."""
-    return get_spec(name).weights_enum.IMAGENET1K_V1
+    spec = get_spec(name)
+    if spec.weights_enum is None:
+        raise WeightsError(
+            f"{name} has no ImageNet weights: it is a test-only stand-in with VGG16's layout and "
+            f"a fraction of its channels. Pass --model.weights none, or a tlfinetune checkpoint "
+            f"or weights file made for {name}; for pretrained weights choose a real backbone "
+            f"such as vgg16."
+        )
+    return spec.weights_enum.IMAGENET1K_V1
 
 
 def imagenet_cache_file(name: str) -> Path:
