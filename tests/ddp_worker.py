@@ -14,7 +14,9 @@ from tlfinetune.predict import PredictionWriter
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     pl.seed_everything(0)
-    model = TransferClassifier(weights="none", num_classes=3, image_size=32, channels_last=False)
+    model = TransferClassifier(
+        backbone="test_vgg16", weights="none", num_classes=3, image_size=32, channels_last=False
+    )
     init = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     trainer = pl.Trainer(
         accelerator="cpu",

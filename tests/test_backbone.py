@@ -1,4 +1,8 @@
-"""Backbone table, weights loading (torchvision format, safetensors, checkpoints), unsafe files."""
+"""Backbone table, weights loading (torchvision format, safetensors, checkpoints), unsafe files.
+
+The real VGG16 where its architecture is the point (the Keras table against torchvision's
+modules, torchvision-format weights, head sizes); test_vgg16, its narrow stand-in, elsewhere.
+"""
 
 import urllib.error
 from pathlib import Path
@@ -9,7 +13,7 @@ import torchvision
 from tiny import TinyData, trainer
 
 from tlfinetune import ConfigError, TransferClassifier, WeightsError
-from tlfinetune.backbone import BACKBONES, resolve_unfreeze_from
+from tlfinetune.backbone import BACKBONES, build_backbone, resolve_unfreeze_from
 
 
 def features_state_dict(seed=0, name="vgg16"):
@@ -33,6 +37,17 @@ def test_keras_layer_table_matches_torchvision_features():
     assert all(isinstance(bn[i], torch.nn.MaxPool2d) for i in range(index) if i == index - 1)
 
 
+def test_the_test_stand_in_has_vgg16s_layout_and_no_imagenet_weights():
+    real, tiny = BACKBONES["vgg16"], BACKBONES["test_vgg16"]
+    assert tiny.layers == real.layers and tiny.num_modules == real.num_modules
+    features, reference = build_backbone("test_vgg16"), torchvision.models.vgg16().features
+    assert [type(m) for m in features] == [type(m) for m in reference]
+    assert sum(p.numel() for p in features.parameters()) < 100_000
+    with pytest.raises(WeightsError) as err:
+        TransferClassifier(backbone="test_vgg16", weights="imagenet")
+    assert "test_vgg16" in str(err.value) and "--model.weights none" in str(err.value)
+
+
 @pytest.mark.parametrize("size, expected", [(32, 512), (64, 2048), (224, 25088)])
 def test_head_in_features_follow_image_size(size, expected):
     model = TransferClassifier(num_classes=4, weights="none", image_size=size)
@@ -42,7 +57,9 @@ def test_head_in_features_follow_image_size(size, expected):
 
 @pytest.mark.parametrize("head", ["gap", "torchvision"])
 def test_other_heads(head):
-    model = TransferClassifier(num_classes=5, weights="none", image_size=32, head=head)
+    model = TransferClassifier(
+        backbone="test_vgg16", num_classes=5, weights="none", image_size=32, head=head
+    )
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
 
 
@@ -50,8 +67,10 @@ def test_head_from_a_factory():
     def factory(in_features, num_classes):
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_features, num_classes))
 
-    model = TransferClassifier(num_classes=2, weights="none", image_size=64, head=factory)
-    assert model.head[1].in_features == 2048
+    model = TransferClassifier(
+        backbone="test_vgg16", num_classes=2, weights="none", image_size=64, head=factory
+    )
+    assert model.head[1].in_features == 32 * 2 * 2  # test_vgg16's (C, H, W) at 64 px
 
 
 def test_unknown_backbone_lists_choices():
@@ -85,7 +104,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"features.0.weight": Payload()}, path)
     with pytest.raises(WeightsError) as err:
-        TransferClassifier(num_classes=3, weights=str(path), image_size=32)
+        TransferClassifier(backbone="test_vgg16", num_classes=3, weights=str(path), image_size=32)
     assert "evil.pth" in str(err.value) and "refused" in str(err.value)
     assert not marker.exists()
 
@@ -131,12 +150,14 @@ def test_imagenet_from_torchvision_cache(tmp_path, monkeypatch):
 
 
 def test_checkpoint_as_weights_transfers_backbone_only(tmp_path):
-    source = TransferClassifier(weights="none", num_classes=3, image_size=32)
+    source = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)
     t = trainer(1, callbacks=[])
     t.fit(source, TinyData())
     ckpt = tmp_path / "run.ckpt"
     t.save_checkpoint(ckpt)
-    target = TransferClassifier(weights=str(ckpt), num_classes=5, image_size=32)
+    target = TransferClassifier(
+        backbone="test_vgg16", weights=str(ckpt), num_classes=5, image_size=32
+    )
     for a, b in zip(
         source.backbone.state_dict().values(), target.backbone.state_dict().values(), strict=True
     ):
@@ -145,7 +166,7 @@ def test_checkpoint_as_weights_transfers_backbone_only(tmp_path):
 
 
 def test_load_from_checkpoint_gives_identical_predictions(tmp_path):
-    model = TransferClassifier(weights="none")
+    model = TransferClassifier(backbone="test_vgg16", weights="none")
     t = trainer(1)
     t.fit(model, TinyData())
     path = tmp_path / "model.ckpt"
@@ -155,14 +176,18 @@ def test_load_from_checkpoint_gives_identical_predictions(tmp_path):
     model.eval(), loaded.eval()
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     assert loaded.hparams.class_names == ["c0", "c1", "c2"]
-    assert loaded.hparams.weights == "none"
+    assert loaded.hparams.weights == "none" and loaded.hparams.backbone == "test_vgg16"
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_normalisation_is_the_weights_preset(channels_last):
     """uint8 or [0, 1] float in; (x - ImageNet mean) / std out, as torchvision's preset does."""
     model = TransferClassifier(
-        num_classes=2, weights="none", image_size=32, channels_last=channels_last
+        backbone="test_vgg16",
+        num_classes=2,
+        weights="none",
+        image_size=32,
+        channels_last=channels_last,
     )
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     preset = torchvision.models.VGG16_Weights.IMAGENET1K_V1.transforms()

@@ -27,7 +27,7 @@ def data(augment=False, n=40, seed=0, num_workers=0):
 
 def fit(cache: bool, schedule: FreezeSchedule, epochs=3, dm=None, **trainer_kwargs):
     torch.manual_seed(0)
-    model = TransferClassifier(weights="none", feature_cache=cache)
+    model = TransferClassifier(backbone="test_vgg16", weights="none", feature_cache=cache)
     store = FeatureCache(enabled=cache)
     t = trainer(epochs, callbacks=[schedule, store], **trainer_kwargs)
     t.fit(model, dm or data())
@@ -58,7 +58,7 @@ def test_first_epoch_trains_through_images_and_fills_the_cache_on_the_way():
     # Worker prefetching and Lightning's sanity-check batches must not confuse which dataset
     # positions a batch holds, nor leave a partial cache behind.
     torch.manual_seed(0)
-    model = TransferClassifier(weights="none")
+    model = TransferClassifier(backbone="test_vgg16", weights="none")
     store = FeatureCache()
     epochs = ActivePerEpoch(store)
     t = trainer(3, callbacks=[FreezeSchedule(), store, epochs], num_sanity_val_steps=2)
@@ -97,7 +97,7 @@ def test_cache_stays_off_when_it_could_change_results():
 
 def test_cache_key_changes_with_weights_and_data():
     dm = data()
-    model = TransferClassifier(weights="none")
+    model = TransferClassifier(backbone="test_vgg16", weights="none")
     store = FeatureCache()
     t = trainer(1, callbacks=[FreezeSchedule(), store])
     t.fit(model, dm)
@@ -115,7 +115,7 @@ def test_cache_key_changes_with_weights_and_data():
 @pytest.mark.parametrize("budget_mb", [0])
 def test_memory_budget_moves_features_to_a_file(tmp_path, budget_mb):
     torch.manual_seed(0)
-    model = TransferClassifier(weights="none")
+    model = TransferClassifier(backbone="test_vgg16", weights="none")
     store = FeatureCache(memory_mb=budget_mb)
     t = trainer(2, callbacks=[FreezeSchedule(), store], default_root_dir=tmp_path)
     t.fit(model, data())
@@ -130,7 +130,7 @@ def test_epochs_the_cache_does_not_serve_reuse_the_datamodules_loader():
     own = dm.train_dataloader
     dm.train_dataloader = lambda: calls.append(1) or own()
     torch.manual_seed(0)
-    model = TransferClassifier(weights="none")
+    model = TransferClassifier(backbone="test_vgg16", weights="none")
     store = FeatureCache()
     schedule = FreezeSchedule(regime="frozen", milestones={1: "block1"}, backbone_lr_ratio=0.5)
     trainer(3, callbacks=[schedule, store]).fit(model, dm)

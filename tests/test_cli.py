@@ -43,6 +43,7 @@ def fit_args(data: Path, out: Path, *extra):
         f"--data.root={data}",
         "--data.image_size=32",
         "--data.batch_size=8",
+        "--model.backbone=test_vgg16",  # VGG16's layout, 1/16 of its channels
         "--model.weights=none",
         f"--trainer.default_root_dir={out}",
         "--trainer.max_epochs=2",

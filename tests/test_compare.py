@@ -12,7 +12,8 @@ from tlfinetune.errors import ConfigError
 @pytest.mark.slow
 def test_compare_covers_every_regime_asked(tmp_path):
     rows = compare([
-        "--data.root=demo", "--data.image_size=32", "--model.weights=none",
+        "--data.root=demo", "--data.image_size=32", "--model.backbone=test_vgg16",
+        "--model.weights=none",
         "--regimes", "frozen,partial,full", f"--trainer.default_root_dir={tmp_path}",
         "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
@@ -21,7 +22,8 @@ def test_compare_covers_every_regime_asked(tmp_path):
     assert [r["regime"] for r in rows] == ["frozen", "partial", "full"]
     trainable = [r["trainable_params"] for r in rows]
     assert trainable[0] < trainable[1] < trainable[2]
-    assert rows[2]["frozen_params"] == 0 and rows[0]["frozen_params"] == 14_714_688
+    # frozen: the whole backbone (test_vgg16 has 57,828 parameters where vgg16 has 14,714,688)
+    assert rows[2]["frozen_params"] == 0 and rows[0]["frozen_params"] == 57_828
     with open(tmp_path / "comparison.csv") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == list(COLUMNS) and len(table) == 3

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow
 
 def test_ddp_partial_regime_with_milestone(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "PYTHONPATH": str(worker.parent)}
+    # The tests folder (for tiny.py) before the caller's path, which may point at a checkout.
+    path = os.pathsep.join([str(worker.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, str(worker), str(tmp_path)],
         env=env,

@@ -15,7 +15,8 @@ ort = pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A model after a short fit (frozen backbone, channels-last) and its checkpoint."""
-    model = TransferClassifier(weights="none")  # classes, names and size from the data
+    # classes, names and size from the data
+    model = TransferClassifier(backbone="test_vgg16", weights="none")
     t = trainer(1, callbacks=[FreezeSchedule(regime="partial", unfreeze_from="block5")])
     t.fit(model, TinyData())
     ckpt = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
@@ -92,7 +93,7 @@ def test_sidecar_describes_the_model(loaded, tmp_path):
     assert meta["normalization"]["mean"] == [0.485, 0.456, 0.406]
     assert meta["normalization"]["std"] == [0.229, 0.224, 0.225]
     assert meta["normalization"]["applied_inside_model"] is True
-    assert meta["backbone"] == "vgg16"
+    assert meta["backbone"] == "test_vgg16"
     assert meta["output"]["shape"] == ["N", 3] and "probabilities" in meta["output"]["meaning"]
 
 

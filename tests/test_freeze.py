@@ -1,3 +1,5 @@
+"""FreezeSchedule on the test_vgg16 stand-in: VGG16's module indices, 1/16 of its channels."""
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -23,7 +25,7 @@ def train(model, schedule, epochs=1, **kwargs):
 
 
 def test_frozen_regime_trains_only_the_head():
-    model = TransferClassifier(weights="none", num_classes=3, image_size=32)
+    model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)
     backbone0, head0 = snapshot(model.backbone), snapshot(model.head)
     train(model, FreezeSchedule(regime="frozen"), epochs=2)
     assert changed(backbone0, model.backbone) == set()
@@ -31,7 +33,8 @@ def test_frozen_regime_trains_only_the_head():
 
 
 def test_default_schedule_is_frozen_when_trainer_has_none():
-    model = TransferClassifier(weights="none")  # num_classes and image size from the data
+    # num_classes and image size from the data
+    model = TransferClassifier(backbone="test_vgg16", weights="none")
     backbone0 = snapshot(model.backbone)
     train(model, None)
     assert changed(backbone0, model.backbone) == set()
@@ -40,7 +43,7 @@ def test_default_schedule_is_frozen_when_trainer_has_none():
 
 @pytest.mark.parametrize("spec", [15, "15", "block5_conv1", "block5"])
 def test_partial_regime_trains_exactly_block5(spec):
-    model = TransferClassifier(weights="none", num_classes=3, image_size=32)
+    model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)
     backbone0 = snapshot(model.backbone)
     t = train(model, FreezeSchedule(regime="partial", unfreeze_from=spec, backbone_lr_ratio=1.0))
     assert changed(backbone0, model.backbone) == {
@@ -53,14 +56,14 @@ def test_partial_regime_trains_exactly_block5(spec):
 
 
 def test_full_regime_trains_everything():
-    model = TransferClassifier(weights="none", num_classes=3, image_size=32)
+    model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)
     backbone0 = snapshot(model.backbone)
     train(model, FreezeSchedule(regime="full"))
     assert changed(backbone0, model.backbone) == set(backbone0)
 
 
 def test_milestones_unfreeze_at_the_right_epoch_with_the_right_lr():
-    model = TransferClassifier(weights="none", num_classes=3, image_size=32)
+    model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)
     seen = []
 
     class Recorder(pl.Callback):
@@ -108,7 +111,9 @@ def test_lr_scheduler_keeps_working_across_the_unfreeze(scheduler):
         factory = partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01, total_steps=9)
     else:
         factory = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0, factor=0.5)
-    model = TransferClassifier(weights="none", num_classes=3, image_size=32, lr_scheduler=factory)
+    model = TransferClassifier(
+        backbone="test_vgg16", weights="none", num_classes=3, image_size=32, lr_scheduler=factory
+    )
     schedule = FreezeSchedule(regime="frozen", milestones={1: "block5"}, backbone_lr_ratio=0.5)
     t = trainer(3, callbacks=[schedule])
     backbone0 = snapshot(model.backbone)
@@ -145,7 +150,7 @@ def test_trainable_batchnorm_updates_running_stats_in_partial_regime():
     ],
 )
 def test_schedule_mistakes_are_reported_with_choices(kwargs, words):
-    model = TransferClassifier(weights="none", num_classes=3, image_size=32)
+    model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)
     with pytest.raises(ConfigError) as err:
         train(model, FreezeSchedule(**kwargs))
     for w in words:

@@ -1,7 +1,5 @@
 """Guarded runs: NaN losses, unwritable outputs, unsafe checkpoints, interrupted saves."""
 
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -11,12 +9,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tiny import TinyData, trainer
 
 from tlfinetune import TLFinetuneError, TransferClassifier
+from tlfinetune.cli import main
 from tlfinetune.runs import AtomicCheckpointIO
 
 
 def test_non_finite_loss_stops_training_with_epoch_and_step():
     model = TransferClassifier(
-        weights="none", num_classes=3, image_size=32,
+        backbone="test_vgg16", weights="none", num_classes=3, image_size=32,
         optimizer=partial(torch.optim.SGD, lr=1e12),
     )  # fmt: skip
     with pytest.raises(TLFinetuneError) as err:
@@ -29,7 +28,7 @@ def test_deferred_non_finite_check_names_first_bad_step_and_saves_no_checkpoint(
     # On a GPU the loss is read back only every N steps (no per-step sync); what happens
     # between checks must still stop the run before a checkpoint holds NaN weights.
     model = TransferClassifier(
-        weights="none", num_classes=3, image_size=32,
+        backbone="test_vgg16", weights="none", num_classes=3, image_size=32,
         optimizer=partial(torch.optim.SGD, lr=1e12),
     )  # fmt: skip
     model.nonfinite_check_every = 1000  # only the epoch-end / checkpoint checks remain
@@ -42,26 +41,30 @@ def test_deferred_non_finite_check_names_first_bad_step_and_saves_no_checkpoint(
         assert all(torch.isfinite(w).all() for w in weights), path
 
 
-def cli(tmp_path, *args):
-    proc = subprocess.run(
-        [sys.executable, "-m", "tlfinetune", *args], capture_output=True, text=True,
-        cwd=tmp_path, timeout=300,
-    )  # fmt: skip
-    return proc.returncode, proc.stderr
+def cli(tmp_path, monkeypatch, capsys, *args):
+    """(exit code, stderr) of ``python -m tlfinetune ARGS``, run in this process.
+
+    main() is the command's entry point; test_cli runs the command itself once in a new
+    interpreter, which costs ~10 s of imports per run.
+    """
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(list(args))
+    return stop.value.code, capsys.readouterr().err
 
 
-def test_unwritable_output_folder_fails_before_training(tmp_path):
+def test_unwritable_output_folder_fails_before_training(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     code, err = cli(
-        tmp_path, "fit", "--data.root=demo", "--model.weights=none",
+        tmp_path, monkeypatch, capsys, "fit", "--data.root=demo", "--model.weights=none",
         f"--trainer.default_root_dir={blocker / 'runs'}",
     )  # fmt: skip
     assert code == 2 and "cannot be written" in err and "a_file" in err
     assert "Traceback" not in err
 
 
-def test_checkpoint_with_pickle_payload_is_refused_and_never_runs(tmp_path):
+def test_checkpoint_with_pickle_payload_is_refused_and_never_runs(tmp_path, monkeypatch, capsys):
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -70,7 +73,9 @@ def test_checkpoint_with_pickle_payload_is_refused_and_never_runs(tmp_path):
 
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload()}}, evil)
-    code, err = cli(tmp_path, "validate", f"--ckpt_path={evil}", "--data.root=demo")
+    code, err = cli(
+        tmp_path, monkeypatch, capsys, "validate", f"--ckpt_path={evil}", "--data.root=demo"
+    )
     assert code == 2 and "evil.ckpt" in err and "refused" in err
     assert not marker.exists()
 

@@ -72,7 +72,11 @@ def fit(regime: str, feature_cache: bool, epochs: int) -> Watch:
         num_workers=0, augment=False,
     )  # fmt: skip
     model = TransferClassifier(
-        weights="none", num_classes=3, image_size=32, feature_cache=feature_cache
+        backbone="test_vgg16",
+        weights="none",
+        num_classes=3,
+        image_size=32,
+        feature_cache=feature_cache,
     )
     model.nonfinite_check_every = 50  # what an accelerator gets: no NaN read inside these steps
     watch = Watch()
@@ -110,7 +114,9 @@ def test_the_watch_sees_a_read():
         x.permute(0, 2, 3, 1).numpy(), y.numpy(), image_size=32, batch_size=8, num_workers=0,
         augment=False, val_split=0.25,
     )  # fmt: skip
-    model = Chatty(weights="none", num_classes=3, image_size=32, feature_cache=False)
+    model = Chatty(
+        backbone="test_vgg16", weights="none", num_classes=3, image_size=32, feature_cache=False
+    )
     model.nonfinite_check_every = 50
     watch = Watch()
     trainer(max_epochs=1, callbacks=[FreezeSchedule(regime="frozen"), watch]).fit(model, data)

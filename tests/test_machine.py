@@ -87,7 +87,7 @@ def test_cli_picks_the_fastest_precision_when_none_is_given(
 @pytest.mark.parametrize("has_bf16", [True, False])
 def test_bf16_on_a_cpu_that_emulates_it_is_warned(monkeypatch, caplog, has_bf16):
     cpu_bf16(monkeypatch, avx512_bf16=has_bf16)
-    model = TransferClassifier(weights="none", num_classes=3, image_size=32)
+    model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)
     t = trainer(precision="bf16-mixed", limit_train_batches=1, limit_val_batches=0)
     with caplog.at_level(logging.WARNING, logger="tlfinetune"):
         t.fit(model, TinyData(n=8))

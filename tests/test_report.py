@@ -80,7 +80,11 @@ def test_evaluate_keeps_the_most_confident_mistakes_only():
 def test_write_report_matches_torchmetrics(tmp_path, num_classes):
     names = [f"class {chr(97 + i)}" for i in range(num_classes)]
     model = TransferClassifier(
-        weights="none", num_classes=num_classes, image_size=32, class_names=names
+        backbone="test_vgg16",
+        weights="none",
+        num_classes=num_classes,
+        image_size=32,
+        class_names=names,
     )
     data = TinyData(n=28, num_classes=num_classes)
     result = evaluate(model, data.val_dataloader())
@@ -132,7 +136,9 @@ def test_no_mistakes_still_gives_an_image(tmp_path):
 
 def test_learning_curves_record_epochs_and_milestones_across_a_resume(tmp_path):
     def fit(epochs, folder, ckpt_path=None):
-        model = TransferClassifier(weights="none", num_classes=3, image_size=32)
+        model = TransferClassifier(
+            backbone="test_vgg16", weights="none", num_classes=3, image_size=32
+        )
         curves = LearningCurves(dirpath=str(tmp_path / folder))
         t = trainer(epochs, callbacks=[FreezeSchedule(milestones={1: "block5"}), curves])
         t.fit(model, TinyData(), ckpt_path=ckpt_path)
@@ -168,7 +174,7 @@ def test_plot_learning_curves_draws_milestones_and_copes_with_gaps():
 
 def test_evaluation_report_runs_at_validate_and_test_not_during_fit(tmp_path, capsys):
     data = TinyData()
-    model = TransferClassifier(weights="none", num_classes=3, image_size=32)
+    model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)
     report = EvaluationReport()
     t = trainer(1, callbacks=[report], default_root_dir=tmp_path)
     t.fit(model, data)
@@ -194,7 +200,7 @@ def test_evaluation_report_runs_at_validate_and_test_not_during_fit(tmp_path, ca
 @pytest.mark.slow
 def test_evaluation_report_gathers_predictions_from_all_processes(tmp_path):
     data = TinyData(n=26)  # 13 per process: no sample repeated by the DistributedSampler
-    model = TransferClassifier(weights="none", num_classes=3, image_size=32)
+    model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)
     t = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,

@@ -4,7 +4,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -37,7 +37,9 @@ def datamodule(workers):
 
 def run(folder, epochs, milestone, ckpt=None, cache=True, workers=0, dropout=0.3):
     pl.seed_everything(7)
-    model = TransferClassifier(weights="none", head_dropout=dropout, feature_cache=cache)
+    model = TransferClassifier(
+        backbone="test_vgg16", weights="none", head_dropout=dropout, feature_cache=cache
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=epochs,
@@ -88,6 +90,7 @@ def test_kill_and_resume_from_the_command_line(tmp_path):
         "fit",
         "--data.root=demo",
         "--data.image_size=32",
+        "--model.backbone=test_vgg16",
         "--model.weights=none",
         f"--trainer.default_root_dir={root}",
         "--trainer.max_epochs=3",
@@ -98,17 +101,22 @@ def test_kill_and_resume_from_the_command_line(tmp_path):
         "--data.augment=false",
         "--model.feature_cache=false",
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    # The kill comes from inside, at batch 2 of epoch 1: with a small model an outside kill
+    # timed by polling for last.ckpt could land after the run had already finished.
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    killer = '--trainer.callbacks+={"class_path": "tiny.KillAt", "init_args": {"epoch": 1}}'
+    killed = subprocess.run(
+        [*args, killer], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     last = root / "version_0" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert last.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ""
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert last.exists()
     epoch_before = torch.load(last, weights_only=True)["epoch"]
     assert epoch_before < 2  # killed before the end
-    done = subprocess.run([*args, "--ckpt_path=last"], capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run(
+        [*args, "--ckpt_path=last"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Resuming from" in done.stderr
     final = torch.load(last, weights_only=True)
