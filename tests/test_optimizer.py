@@ -10,7 +10,9 @@ from tlfinetune.module import _fused_when_unchosen
 
 
 def model(**kwargs):
-    return TransferClassifier(num_classes=3, weights="none", image_size=32, **kwargs)
+    return TransferClassifier(
+        backbone="test_vgg16", num_classes=3, weights="none", image_size=32, **kwargs
+    )
 
 
 def test_default_adam_uses_the_fused_kernel_and_keeps_the_groups():
