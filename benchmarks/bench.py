@@ -68,10 +68,10 @@ from jsonargparse import CLI
 from PIL import Image
 
 from tlfinetune import backbone as bb
-from tlfinetune.data import compute_threads, default_num_workers
 from tlfinetune.demo import DEMO_CLASSES, render_demo_image
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
+from tlfinetune.machine import compute_threads, default_num_workers
 from tlfinetune.module import TransferClassifier
 
 __all__ = ["EpochTimer", "Result", "bench", "main", "markdown", "torch_peer"]
@@ -226,7 +226,7 @@ def bench(
         peers: comma-separated peers run in the same process: ``torch`` (a plain hand-written
             loop), ``keras`` (the seed's code, when TensorFlow is installed); ``none`` for none.
         num_workers: DataLoader workers, the same for every setup; default what the data
-            module picks for this device (:func:`tlfinetune.data.default_num_workers`).
+            module picks for this device (:func:`tlfinetune.machine.default_num_workers`).
         uncached: regimes also run with the feature cache switched off.
         data: an ImageFolder-layout folder (or ``demo``) to train on instead of synthetic
             images.

@@ -90,6 +90,7 @@ def test_kill_and_resume_from_the_command_line(tmp_path):
         "fit",
         "--data.root=demo",
         "--data.image_size=32",
+        "--data.batch_size=32",
         "--model.backbone=test_vgg16",
         "--model.weights=none",
         f"--trainer.default_root_dir={root}",
@@ -101,13 +102,14 @@ def test_kill_and_resume_from_the_command_line(tmp_path):
         "--data.augment=false",
         "--model.feature_cache=false",
     ]
-    # The kill comes from inside, at batch 2 of epoch 1: with a small model an outside kill
-    # timed by polling for last.ckpt could land after the run had already finished.
+    # The kill comes from inside, as step 13 (epoch 1: the demo's 360 images are 12 batches of
+    # 32) is about to run: with a small model an outside kill timed by polling for last.ckpt
+    # could land after the run had already finished.
     tests = str(Path(__file__).parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    killer = '--trainer.callbacks+={"class_path": "tiny.KillAt", "init_args": {"epoch": 1}}'
+    killer = ["--trainer.callbacks+=stop_at.KillAt", "--trainer.callbacks.step=13"]
     killed = subprocess.run(
-        [*args, killer], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+        [*args, *killer], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     last = root / "version_0" / "checkpoints" / "last.ckpt"

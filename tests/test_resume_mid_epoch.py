@@ -59,7 +59,7 @@ def datamodule(workers):
 def fit(folder, *extra, ckpt=None, workers=0):
     pl.seed_everything(7)
     model = TransferClassifier(
-        backbone="vgg11", weights="none", head_dropout=0.3, feature_cache=False
+        backbone="test_vgg16", weights="none", head_dropout=0.3, feature_cache=False
     )
     seen = Seen()
     trainer = pl.Trainer(
@@ -111,7 +111,7 @@ def test_sigkill_mid_epoch_and_resume_from_the_command_line(tmp_path):
     args = [
         sys.executable, "-m", "tlfinetune", "fit",
         "--data.root=demo", "--data.image_size=32", "--data.batch_size=32", "--data.augment=false",
-        "--data.num_workers=0", "--model.backbone=vgg11", "--model.weights=none",
+        "--data.num_workers=0", "--model.backbone=test_vgg16", "--model.weights=none",
         "--model.head_dropout=0.3", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
         "--seed_everything=1", "--freeze.regime=partial", "--checkpoint.every_n_train_steps=5",
         "--model.feature_cache=false",

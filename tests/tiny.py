@@ -1,8 +1,5 @@
 """Tiny synthetic data and trainers for the model tests (the data module has its own tests)."""
 
-import os
-import signal
-
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -45,18 +42,3 @@ def trainer(max_epochs=1, callbacks=(), **kwargs):
         enable_model_summary=False,
         **kwargs,
     )
-
-
-class KillAt(pl.Callback):
-    """SIGKILL this process when batch ``batch`` of epoch ``epoch`` starts: a crash mid-epoch.
-
-    Given to a ``python -m tlfinetune fit`` subprocess with ``--trainer.callbacks+=`` (with this
-    folder on PYTHONPATH), so the kill lands at the same step however fast the machine is.
-    """
-
-    def __init__(self, epoch: int = 1, batch: int = 2) -> None:
-        self.epoch, self.batch = epoch, batch
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            os.kill(os.getpid(), signal.SIGKILL)
