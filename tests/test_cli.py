@@ -54,15 +54,21 @@ def fit_args(data: Path, out: Path, *extra):
 
 
 @pytest.mark.slow
-def test_fit_validate_test_predict(tmp_path, capsys, caplog):
+def test_fit_validate_test_predict(tmp_path, capfd, caplog, recwarn):
     data, out = make_folder(tmp_path / "data"), tmp_path / "runs"
     run(*fit_args(data, out, "--freeze.regime=frozen", "--freeze.milestones={1: block5}"))
     version = out / "version_0"
     last = version / "checkpoints" / "last.ckpt"
     assert last.is_file() and list((version / "checkpoints").glob("best-*.ckpt"))
     assert (version / "config.yaml").is_file() and (version / "metrics.csv").is_file()
-    summary = capsys.readouterr().out
+    printed = capfd.readouterr()
+    summary = printed.out
     assert "Best val/acc" in summary and str(last) in summary
+    # The console keeps to what the user needs: no advert, no warnings that do not apply.
+    console = printed.out + printed.err + caplog.text + "".join(str(w.message) for w in recwarn)
+    for noise in ("litlogger", "logging interval", "not supported by the model summary"):
+        assert noise not in console
+    assert "train/loss" in (version / "metrics.csv").read_text()  # logged once an epoch
 
     # A second run into the same folder gets its own version and does not trip on config.yaml.
     run(*fit_args(data, out, "--trainer.max_epochs=1"))

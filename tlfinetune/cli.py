@@ -287,7 +287,17 @@ EXTRA_COMMANDS = ("export", "compare")
 NOISE = (
     ".*callbacks used to create the checkpoint need to be provided.*",
     ".*isinstance\\(treespec, LeafSpec\\).*",
+    # Training metrics are logged once per epoch (on_epoch), however few the batches.
+    ".*is smaller than the logging interval.*",
+    # The summary's size estimate in bf16; the parameter counts it prints are exact.
+    ".*is not supported by the model summary.*",
 )
+# Lightning's log lines that advertise rather than inform.
+ADVERTS = ("litlogger",)
+
+
+def _no_adverts(record: logging.LogRecord) -> bool:
+    return not any(word in record.getMessage() for word in ADVERTS)
 
 
 def main(args: ArgsType = None) -> None:
@@ -295,6 +305,9 @@ def main(args: ArgsType = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     for noise in NOISE:
         warnings.filterwarnings("ignore", message=noise)
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _no_adverts not in rank_zero_log.filters:
+        rank_zero_log.addFilter(_no_adverts)
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
             import importlib
