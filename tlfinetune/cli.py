@@ -90,7 +90,12 @@ class TLFinetuneCLI(LightningCLI):
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
         self._building = subcommand
-        return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            # The PredictionWriter streams rows to disk; returned predictions would keep every
+            # image's probabilities in memory until the end.
+            parser.set_defaults({"return_predictions": False})
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The ``--freeze.*``, ``--checkpoint.*`` and (predict) ``--prediction.*`` groups."""
@@ -213,14 +218,18 @@ class TLFinetuneCLI(LightningCLI):
     def after_fit(self) -> None:
         """The final summary: best validation accuracy and where the checkpoints are."""
         ckpt = self.trainer.checkpoint_callback
-        if not self.trainer.is_global_zero or ckpt is None:
+        if ckpt is None:  # the same on every rank
+            return
+        # log_dir is a broadcast under DDP: every rank reads it, or rank 0 waits forever.
+        run_folder = self.trainer.log_dir
+        if not self.trainer.is_global_zero:
             return
         score = ckpt.best_model_score
         best = f"{score.item():.4f}" if score is not None else "n/a"
         print(
             f"\nBest {ckpt.monitor}: {best}\n  best checkpoint: {ckpt.best_model_path or '-'}\n"
             f"  last checkpoint: {ckpt.last_model_path or '-'}\n"
-            f"  run folder: {self.trainer.log_dir}"
+            f"  run folder: {run_folder}"
         )
 
 

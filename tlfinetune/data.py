@@ -36,6 +36,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tlfinetune.arrays import index_arrays
@@ -546,13 +547,33 @@ class ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches, in dataset order."""
-        return self._loader(self._require("val_dataset", "validate"))
+        dataset = self._require("val_dataset", "validate")
+        return self._loader(dataset, self._each_once_sampler(dataset))
 
     def test_dataloader(self) -> DataLoader:
         """Test batches, in dataset order; a :class:`DataError` when there is no test split."""
         if self.test_dataset is None and self._has_source() and not self.has_test:
             raise DataError(self._no_test_message())
-        return self._loader(self._require("test_dataset", "test"))
+        dataset = self._require("test_dataset", "test")
+        return self._loader(dataset, self._each_once_sampler(dataset))
+
+    def _each_once_sampler(self, dataset: Dataset) -> Sampler | None:
+        """Under DDP in ``validate``/``test``: a sampler that gives every image to one process.
+
+        Lightning's ``DistributedSampler`` repeats images so that every process gets as many,
+        and the logged metrics then count those twice. Outside ``fit`` no DDP wrapper needs the
+        processes to run the same number of batches, so here each image is evaluated once.
+        (During ``fit`` the padded sampler stays: the wrapped model's forward may sync.)
+        """
+        trainer = self.trainer
+        kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer else None
+        if not kwargs or kwargs.get("num_replicas", 1) < 2 or trainer is None:
+            return None
+        if trainer.state.fn not in ("validate", "test"):
+            return None
+        if len(dataset) < kwargs["num_replicas"]:  # type: ignore[arg-type]
+            return None  # a process without a batch would miss the metrics' sync; pad instead
+        return UnrepeatedDistributedSampler(dataset, shuffle=False, **kwargs)
 
     def predict_dataloader(self) -> DataLoader:
         """Batches of ``(images, indices)``; indices are positions in :attr:`predict_files`."""

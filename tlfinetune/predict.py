@@ -1,15 +1,23 @@
-"""PredictionWriter: one CSV row per image with the predicted class and the top-k classes."""
+"""PredictionWriter: one CSV row per image with the predicted class and the top-k classes.
+
+Rows are streamed: each process formats the rows of a batch as soon as the batch is predicted
+and appends them to its own part file beside the output; at the end rank 0 merges the parts in
+image order into the CSV. Nothing per image stays in memory, so a million images cost what a
+thousand do.
+"""
 
 from __future__ import annotations
 
 import csv
+import heapq
+import io
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 log = logging.getLogger(__name__)
@@ -17,6 +25,9 @@ log = logging.getLogger(__name__)
 
 class PredictionWriter(BasePredictionWriter):
     """Write ``predictions.csv``: ``path,label,probability`` then ``top1,top1_probability``...
+
+    One row per image, sorted by the image's position in the data's predict files; under DDP
+    every image appears once, however the sampler spread (or repeated) it over processes.
 
     Args:
         output: the CSV file; ``predictions.csv`` under ``trainer.default_root_dir`` by default.
@@ -27,7 +38,31 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output = output
         self.top_k = top_k
-        self._rows: list[tuple[int, list[float]]] = []
+        self._part: TextIO | None = None
+        self._part_path: Path | None = None
+        self._last_index = -1
+        self._sorted = True  # this process's indices came in increasing order
+        self._names: list[str] = []
+        self._files: list[Any] = []
+
+    def _path(self, trainer: pl.Trainer) -> Path:
+        return Path(self.output or Path(trainer.default_root_dir) / "predictions.csv")
+
+    def _part_of(self, path: Path, rank: int) -> Path:
+        return path.with_name(f".{path.name}.part{rank}")
+
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Open this process's part file."""
+        path = self._path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._close_part()
+        self._part_path = self._part_of(path, trainer.global_rank)
+        self._part = open(self._part_path, "w", newline="")  # noqa: SIM115 - closed at epoch end
+        self._last_index, self._sorted = -1, True
+        self._names = [str(n) for n in pl_module.hparams.get("class_names") or []] or [
+            str(i) for i in range(pl_module.hparams.num_classes)
+        ]
+        self._files = getattr(trainer.datamodule, "predict_files", None) or []
 
     def write_on_batch_end(  # noqa: D102
         self,
@@ -39,47 +74,95 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if self._part is None:  # predicting without an epoch start (never from a Trainer)
+            self.on_predict_epoch_start(trainer, pl_module)
+        assert self._part is not None
         index = batch[1] if isinstance(batch, (tuple, list)) else None
         ids = index.tolist() if torch.is_tensor(index) else list(batch_indices or [])
-        self._rows.extend(zip(ids, prediction.float().cpu().tolist(), strict=True))
+        self._part.write(self.format_rows(ids, prediction))
+        if ids:
+            self._sorted = self._sorted and ids == sorted(ids) and ids[0] > self._last_index
+            self._last_index = max(self._last_index, *ids)
+
+    def format_rows(self, ids: list[int], probs: torch.Tensor) -> str:
+        """CSV lines ``index,path,label,probability,top1,...`` for one batch (index first)."""
+        k = min(self.top_k, len(self._names))
+        top = torch.topk(probs.detach().float().cpu(), k, dim=1)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        files, names = self._files, self._names
+        for index, values, classes in zip(
+            ids, top.values.tolist(), top.indices.tolist(), strict=True
+        ):
+            name = str(files[index]) if index < len(files) else str(index)
+            row: list[Any] = [index, name, names[classes[0]], f"{values[0]:.6f}"]
+            for value, cls in zip(values, classes, strict=True):
+                row += [names[cls], f"{value:.6f}"]
+            writer.writerow(row)
+        return buffer.getvalue()
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Gather every rank's rows; rank 0 writes the file."""
-        rows = self._rows
-        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
-            gathered: list[Any] = [None] * trainer.world_size
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        self._rows = []
+        """Close the part files; rank 0 merges them into the CSV once every process is done."""
+        if self._part is None:
+            self.on_predict_epoch_start(trainer, pl_module)
+        sorted_here = self._sorted
+        self._close_part()
+        # Every rank reaches these two collectives: the part files are complete after the first.
+        all_sorted = trainer.strategy.reduce_boolean_decision(sorted_here, all=True)
+        path = self._path(trainer)
         if trainer.is_global_zero:
-            path = self.write(rows, trainer, pl_module)
-            print(f"Wrote {len(dict(rows))} predictions to {path}")
+            parts = [self._part_of(path, r) for r in range(trainer.world_size)]
+            count = merge_parts(parts, path, self._header(), presorted=all_sorted)
+            print(f"Wrote {count} predictions to {path}")
+        trainer.strategy.barrier()  # the parts are gone before any process returns
 
-    def write(
-        self, rows: list[tuple[int, list[float]]], trainer: pl.Trainer, pl_module: Any
-    ) -> Path:
-        """Write the rows (index into the data's predict files, probabilities) as CSV."""
-        path = Path(self.output or Path(trainer.default_root_dir) / "predictions.csv")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        names = pl_module.hparams.get("class_names") or [
-            str(i) for i in range(pl_module.hparams.num_classes)
-        ]
-        files = getattr(trainer.datamodule, "predict_files", None) or []
-        k = min(self.top_k, len(names))
+    def on_exception(self, trainer: pl.Trainer, *args: Any) -> None:  # noqa: D102
+        self._close_part()
+        if self._part_path is not None:
+            self._part_path.unlink(missing_ok=True)
+
+    def _header(self) -> list[str]:
         header = ["path", "label", "probability"]
-        for i in range(1, k + 1):
+        for i in range(1, min(self.top_k, len(self._names)) + 1):
             header += [f"top{i}", f"top{i}_probability"]
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            for index, probs in sorted(dict(rows).items()):
-                p = torch.tensor(probs)
-                top = torch.topk(p, k)
-                name = str(files[index]) if index < len(files) else str(index)
-                row = [name, names[top.indices[0]], f"{top.values[0]:.6f}"]
-                for value, cls in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-                    row += [names[cls], f"{value:.6f}"]
-                writer.writerow(row)
+        return header
+
+    def _close_part(self) -> None:
+        if self._part is not None:
+            self._part.close()
+            self._part = None
+
+
+def _lines(path: Path, presorted: bool) -> Iterator[tuple[int, str]]:
+    """``(index, rest of the line)`` of a part file, in index order."""
+    with open(path, newline="") as f:
+        lines = ((int(line.split(",", 1)[0]), line.split(",", 1)[1]) for line in f)
+        if presorted:
+            yield from lines
+        else:  # a custom sampler that shuffles: this process's rows are sorted in memory
+            yield from sorted(lines, key=lambda item: item[0])
+
+
+def merge_parts(parts: list[Path], path: Path, header: list[str], presorted: bool) -> int:
+    """Merge part files into ``path`` sorted by image index, each index once; remove the parts.
+
+    Returns:
+        The number of rows written.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    count, last = 0, None
+    try:
+        with open(tmp, "w", newline="") as out:
+            csv.writer(out).writerow(header)
+            streams = [_lines(p, presorted) for p in parts if p.is_file()]
+            for index, rest in heapq.merge(*streams, key=lambda item: item[0]):
+                if index == last:  # a sampler's padding repeat: the same image, predicted again
+                    continue
+                out.write(rest)
+                count, last = count + 1, index
         tmp.replace(path)
-        return path
+    finally:
+        tmp.unlink(missing_ok=True)
+        for p in parts:
+            p.unlink(missing_ok=True)
+    return count

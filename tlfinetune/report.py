@@ -11,9 +11,10 @@ Two callbacks write them from a Trainer, and plain functions do the same from a 
 - :func:`evaluate` -> :class:`EvalResult` -> :func:`write_report` / :func:`compute_metrics`,
   :func:`plot_confusion_matrix`, :func:`plot_mistakes`, :func:`plot_learning_curves`.
 
-Every number comes from torchmetrics. Figures are ``matplotlib.figure.Figure`` objects drawn
-without pyplot, so nothing depends on a display or on the backend a notebook chose; a notebook
-shows a returned Figure inline.
+The numbers are torchmetrics' definitions, computed from a confusion matrix and a top-5 hit
+count, so an evaluation keeps a fixed amount of state however many images it sees. Figures
+are ``matplotlib.figure.Figure`` objects drawn without pyplot, so nothing depends on a display
+or on the backend a notebook chose; a notebook shows a returned Figure inline.
 """
 
 from __future__ import annotations
@@ -30,14 +31,8 @@ import lightning.pytorch as pl
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torchmetrics import Metric
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
+from torch.utils.data import DistributedSampler
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tlfinetune.backbone import block_of
 from tlfinetune.errors import ConfigError, DataError
@@ -64,39 +59,87 @@ class Mistake:
 
 @dataclass
 class EvalResult:
-    """Predictions over a dataset: probabilities, true labels, the most confident mistakes."""
+    """Counts over a dataset: the confusion matrix, top-5 hits, the most confident mistakes.
 
-    probs: Tensor  # (N, C) float32
-    labels: Tensor  # (N,) int64
+    Only what the report needs is kept, so its size does not grow with the number of images:
+    every metric of :func:`compute_metrics` follows from the confusion matrix (and the top-5
+    hit count). :meth:`from_probs` builds one from probabilities a caller already has.
+    """
+
+    confusion: Tensor  # (C, C) int64: rows true class, columns predicted class
     class_names: list[str]
     mistakes: list[Mistake] = field(default_factory=list)  # most confident first
+    top5_correct: int | None = None  # images whose label is among the 5 most probable classes
+
+    @classmethod
+    def from_probs(
+        cls,
+        probs: Tensor,
+        labels: Tensor,
+        class_names: Sequence[str],
+        mistakes: Sequence[Mistake] = (),
+    ) -> EvalResult:
+        """The counts of probabilities ``probs`` (N, C) against true ``labels`` (N,)."""
+        counts = _Counts(len(class_names))
+        counts.update(probs, labels)
+        return cls(counts.confusion, list(class_names), list(mistakes), counts.top5)
 
     @property
-    def preds(self) -> Tensor:
-        """Top-1 predicted class per sample, (N,)."""
-        return self.probs.argmax(dim=1)
+    def num_samples(self) -> int:  # noqa: D102
+        return int(self.confusion.sum())
 
     @property
     def num_classes(self) -> int:  # noqa: D102
         return len(self.class_names)
 
+    @property
+    def accuracy(self) -> float:
+        """Top-1 accuracy (0.0 without samples)."""
+        return float(self.confusion.trace()) / max(self.num_samples, 1)
+
+
+class _Counts:
+    """Confusion matrix and top-5 hit count, updated batch by batch (fixed size)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.top5: int | None = 0 if num_classes > 5 else None
+
+    def update(self, probs: Tensor, labels: Tensor) -> Tensor:
+        """Count a batch; returns the top-1 predictions."""
+        probs, labels = probs.detach().float().cpu(), labels.detach().long().cpu()
+        c = len(self.confusion)
+        if probs.ndim != 2 or probs.shape[1] != c:
+            raise ConfigError(
+                f"The model gives {probs.shape[-1]} scores per image but there are {c} classes."
+            )
+        preds = probs.argmax(dim=1)
+        self.confusion += torch.bincount(labels * c + preds, minlength=c * c).reshape(c, c)
+        if self.top5 is not None:
+            top = probs.topk(5, dim=1).indices
+            self.top5 += int((top == labels[:, None]).any(dim=1).sum())
+        return preds
+
 
 class _Collector:
-    """Accumulates batches of probabilities and labels, keeping only the top-k worst images."""
+    """Accumulates batches into counts, keeping only the top-k most confident mistakes.
 
-    def __init__(self, max_mistakes: int) -> None:
+    What it holds is bounded by the number of classes and ``max_mistakes``, never by the
+    number of images.
+    """
+
+    def __init__(self, max_mistakes: int, num_classes: int) -> None:
         self.max_mistakes = max_mistakes
-        self.probs: list[Tensor] = []
-        self.labels: list[Tensor] = []
+        self.counts = _Counts(num_classes)
+        self.seen = 0  # samples this process was given, padding repeats included
         self.mistakes: list[Mistake] = []
         self.image_shape = (0, 0, 0)  # (C, H, W) of the images seen
 
     def update(self, probs: Tensor, labels: Tensor, images: Tensor) -> None:
         self.image_shape = tuple(images.shape[1:])
         probs, labels = probs.detach().float().cpu(), labels.detach().long().cpu()
-        self.probs.append(probs)
-        self.labels.append(labels)
-        confidence, preds = probs.max(dim=1)
+        preds = self.counts.update(probs, labels)
+        confidence = probs.gather(1, preds[:, None]).squeeze(1)
         wrong = (preds != labels).nonzero().flatten().tolist()
         full = self.mistakes and len(self.mistakes) >= self.max_mistakes
         floor = self.mistakes[-1].confidence if full else -1.0
@@ -111,11 +154,10 @@ class _Collector:
         del self.mistakes[self.max_mistakes :]
 
     def result(self, class_names: Sequence[str]) -> EvalResult:
-        if not self.labels:
+        if not self.counts.confusion.any():
             raise DataError("Nothing to report on: the dataloader gave no batches.")
-        return EvalResult(
-            torch.cat(self.probs), torch.cat(self.labels), list(class_names), self.mistakes
-        )
+        counts = self.counts
+        return EvalResult(counts.confusion.clone(), list(class_names), self.mistakes, counts.top5)
 
 
 def _to_uint8(image: Tensor) -> Tensor:
@@ -158,12 +200,12 @@ def evaluate(
         max_mistakes: how many of the most confidently wrong images to keep for the grid.
 
     Returns:
-        Probabilities, labels, class names and the most confident mistakes.
+        The confusion matrix, top-5 hits, class names and the most confident mistakes.
     """
     names = resolve_class_names(model, class_names)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    collector = _Collector(max_mistakes)
+    collector = _Collector(max_mistakes, len(names))
     was_training = model.training
     model.eval()
     try:
@@ -183,42 +225,50 @@ def evaluate(
 def compute_metrics(result: EvalResult) -> dict[str, Any]:
     """Accuracy (micro top-1), top-5 accuracy (more than 5 classes), macro F1, per-class table.
 
+    The numbers are torchmetrics' (``MulticlassAccuracy``, ``MulticlassF1Score``,
+    ``MulticlassPrecision``, ``MulticlassRecall``, zero division giving 0, macro F1 over the
+    classes that occur as label or prediction), computed from the confusion matrix with the
+    same float32 arithmetic.
+
     Returns:
         ``num_samples``, ``num_classes``, ``accuracy``, ``top5_accuracy`` (only when there are
         more than 5 classes), ``macro_f1``, ``per_class`` (``{name: {precision, recall, f1,
         support}}``) and ``confusion_matrix`` (rows: true class, columns: predicted class).
     """
-    probs, labels, c = result.probs, result.labels, result.num_classes
-
-    def value(metric_class: type[Metric], **kwargs: Any) -> Tensor:
-        metric = _metric(metric_class, c, **kwargs)
-        metric.update(probs, labels)
-        return metric.compute()
-
+    confusion, c = result.confusion.long(), result.num_classes
+    tp = confusion.diagonal()
+    fp = confusion.sum(dim=0) - tp
+    fn = confusion.sum(dim=1) - tp
+    n = int(confusion.sum())
     metrics: dict[str, Any] = {
-        "num_samples": len(labels),
+        "num_samples": n,
         "num_classes": c,
-        "accuracy": value(MulticlassAccuracy, average="micro").item(),
+        "accuracy": _divide(tp.sum(), (tp + fn).sum()).item(),
     }
     if c > 5:
-        metrics["top5_accuracy"] = value(MulticlassAccuracy, top_k=5, average="micro").item()
-    metrics["macro_f1"] = value(MulticlassF1Score, average="macro").item()
-    precision = value(MulticlassPrecision, average=None).tolist()
-    recall = value(MulticlassRecall, average=None).tolist()
-    f1 = value(MulticlassF1Score, average=None).tolist()
-    support = torch.bincount(labels, minlength=c).tolist()
+        metrics["top5_accuracy"] = _divide(torch.tensor(result.top5_correct or 0), n).item()
+    f1 = _divide(2.0 * tp, 2.0 * tp + fn + fp)
+    present = (tp + fp + fn != 0).float()  # torchmetrics leaves absent classes out of the mean
+    metrics["macro_f1"] = _divide(present * f1, present.sum()).sum().item()
+    precision = _divide(tp, tp + fp).tolist()
+    recall = _divide(tp, tp + fn).tolist()
+    support = (tp + fn).tolist()
     metrics["per_class"] = {
         name: {"precision": p, "recall": r, "f1": f, "support": s}
-        for name, p, r, f, s in zip(result.class_names, precision, recall, f1, support, strict=True)
+        for name, p, r, f, s in zip(
+            result.class_names, precision, recall, f1.tolist(), support, strict=True
+        )
     }
-    metrics["confusion_matrix"] = value(MulticlassConfusionMatrix).tolist()
+    metrics["confusion_matrix"] = confusion.tolist()
     return metrics
 
 
-def _metric(metric_class: type[Metric], num_classes: int, **kwargs: Any) -> Metric:
-    # The predictions are complete here (gathered already under DDP): a metric that synced
-    # across processes on compute would wait forever for ranks that do not report.
-    return metric_class(num_classes, sync_on_compute=False, **kwargs)
+def _divide(num: Tensor, denom: Tensor | int) -> Tensor:
+    """``num / denom`` in float32, 0 where ``denom`` is 0 (torchmetrics' ``_safe_divide``)."""
+    num = num if num.is_floating_point() else num.float()
+    denom = torch.as_tensor(denom)
+    denom = denom if denom.is_floating_point() else denom.float()
+    return torch.where(denom != 0, num / torch.where(denom != 0, denom, 1.0), 0.0)
 
 
 def format_report(metrics: dict[str, Any]) -> str:
@@ -268,17 +318,17 @@ def plot_confusion_matrix(result: EvalResult) -> Figure:
     side = min(max(5.0, 0.45 * c + 3.0), 20.0)
     fig = Figure(figsize=(side, side), layout="constrained")
     ax = fig.add_subplot()
-    confmat = _metric(MulticlassConfusionMatrix, c)
-    confmat.update(result.probs, result.labels)
-    confmat.plot(ax=ax, labels=[_short(n) for n in result.class_names], add_text=c <= 20)
+    confmat = MulticlassConfusionMatrix(c)  # only its plot: the counts are the result's
+    confmat.plot(
+        result.confusion, ax=ax, labels=[_short(n) for n in result.class_names], add_text=c <= 20
+    )
     for label in ax.get_xticklabels():  # rotated names end under their column
         label.set(ha="right", rotation_mode="anchor")
     for label in ax.get_yticklabels():
         label.set(rotation=0)
     for text in ax.texts:  # torchmetrics writes the counts at 15 pt
         text.set_fontsize(15 if c <= 8 else 10)
-    accuracy = (result.preds == result.labels).float().mean().item()
-    fig.suptitle(f"Confusion matrix: {len(result.labels)} images, accuracy {accuracy:.1%}")
+    fig.suptitle(f"Confusion matrix: {result.num_samples} images, accuracy {result.accuracy:.1%}")
     return fig
 
 
@@ -287,7 +337,7 @@ def plot_mistakes(result: EvalResult) -> Figure:
     mistakes = result.mistakes
     if not mistakes:
         fig = Figure(figsize=(6, 2), layout="constrained")
-        fig.text(0.5, 0.5, f"No mistakes: all {len(result.labels)} images classified correctly.",
+        fig.text(0.5, 0.5, f"No mistakes: all {result.num_samples} images classified correctly.",
                  ha="center", va="center", fontsize=12)  # fmt: skip
         return fig
     cols = min(4, len(mistakes))
@@ -439,7 +489,10 @@ class EvaluationReport(pl.Callback):
     forward hook, so the report costs no second pass over the data and its numbers are the
     ones the loop logged. (A batch whose logits were not caught, e.g. from a step that never
     calls the model on the whole batch, is run through the model again.) Nothing happens during
-    ``fit``. With several processes, predictions are gathered onto rank 0, which writes.
+    ``fit``. Only counts and the most confident mistakes are kept, not every prediction, so
+    memory stays flat however many images there are. With several processes, the counts are
+    summed and the mistakes gathered onto rank 0, which writes; images a ``DistributedSampler``
+    repeated to even out the processes are counted once.
 
     Files go into ``dirpath``, by default ``<trainer.log_dir>/<stage>_report`` (``log_dir`` is
     ``default_root_dir`` without a logger); one sub-folder ``dataloader_<i>`` per dataloader
@@ -519,7 +572,14 @@ class EvaluationReport(pl.Callback):
             with torch.no_grad():
                 logits = pl_module(images)
         self._caught.clear()
-        collector = self._collectors.setdefault(dataloader_idx, _Collector(self.max_mistakes))
+        collector = self._collectors.get(dataloader_idx)
+        if collector is None:
+            c = len(resolve_class_names(pl_module))
+            collector = self._collectors[dataloader_idx] = _Collector(self.max_mistakes, c)
+        keep = _not_padding(pl_module.trainer, dataloader_idx, collector.seen, len(labels))
+        collector.seen += len(labels)
+        if keep is not None:
+            images, labels, logits = images[keep], labels[keep], logits[keep]
         collector.update(torch.softmax(logits.float(), dim=1), labels, images)
 
     def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -527,7 +587,11 @@ class EvaluationReport(pl.Callback):
             return
         self._remove_hook()
         if trainer.world_size > 1:
-            for collector in self._collectors.values():
+            # The same collectives on every rank, also one that got no batch of a dataloader.
+            names = resolve_class_names(pl_module)
+            for idx in range(_num_dataloaders(trainer, stage)):
+                collector = self._collectors.get(idx) or _Collector(self.max_mistakes, len(names))
+                self._collectors[idx] = collector
                 _gather(trainer, collector)
         log_dir = trainer.log_dir or trainer.default_root_dir  # on all ranks: log_dir broadcasts
         root = Path(self.dirpath) if self.dirpath else Path(log_dir) / f"{stage}_report"
@@ -551,13 +615,17 @@ class EvaluationReport(pl.Callback):
 
 
 def _gather(trainer: pl.Trainer, collector: _Collector) -> None:
-    """Replace one process's predictions and mistakes by those of all processes."""
-    probs = _gather_rows(trainer, torch.cat(collector.probs))
-    labels = _gather_rows(trainer, torch.cat(collector.labels))
-    collector.probs, collector.labels = [probs], [labels]
+    """Replace one process's counts and mistakes by those of all processes."""
+    strategy = trainer.strategy
+    device = strategy.root_device
+    counts = collector.counts
+    counts.confusion = strategy.reduce(counts.confusion.to(device), reduce_op="sum").cpu()
+    if counts.top5 is not None:
+        top5 = strategy.reduce(torch.tensor(counts.top5, device=device), reduce_op="sum")
+        counts.top5 = int(top5)
     mistakes = collector.mistakes
-    shape = torch.tensor(collector.image_shape, device=trainer.strategy.root_device)
-    shape = trainer.strategy.all_gather(shape).reshape(-1, 3).max(dim=0).values.tolist()
+    shape = torch.tensor(collector.image_shape, device=device)
+    shape = strategy.all_gather(shape).reshape(-1, 3).max(dim=0).values.tolist()
     images = torch.stack([m.image for m in mistakes]) if mistakes else torch.zeros(0, *shape)
     meta = torch.tensor([[m.label, m.pred, m.confidence] for m in mistakes], dtype=torch.float64)
     images = _gather_rows(trainer, images.to(torch.uint8))
@@ -568,6 +636,34 @@ def _gather(trainer: pl.Trainer, collector: _Collector) -> None:
     ]
     collector.mistakes.sort(key=lambda m: -m.confidence)
     del collector.mistakes[collector.max_mistakes :]
+
+
+def _num_dataloaders(trainer: pl.Trainer, stage: str) -> int:
+    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+    return len(loaders) if isinstance(loaders, (list, tuple)) else int(loaders is not None)
+
+
+def _not_padding(trainer: pl.Trainer, dataloader_idx: int, seen: int, n: int) -> Tensor | None:
+    """Mask of the ``n`` samples after the first ``seen`` that are not padding repeats.
+
+    ``DistributedSampler`` repeats the first images so every process gets as many: position
+    ``j`` of rank ``r`` is image ``j * world_size + r`` of the padded list, and positions from
+    ``len(dataset)`` on are the repeats. ``None`` when nothing in the batch is padding.
+    """
+    if trainer is None or trainer.world_size < 2:
+        return None
+    stage = trainer.state.fn
+    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+    loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return None
+    size = len(sampler.dataset)  # type: ignore[arg-type]
+    if sampler.total_size <= size:  # no padding (e.g. an UnrepeatedDistributedSampler)
+        return None
+    positions = torch.arange(seen, seen + n) * sampler.num_replicas + sampler.rank
+    keep = positions < size
+    return None if bool(keep.all()) else keep
 
 
 def _gather_rows(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
