@@ -327,6 +327,19 @@ def main(args: ArgsType = None) -> None:
     except TLFinetuneError as exc:
         sys.stderr.write(f"error: {plain_message(exc)}\n")
         raise SystemExit(2) from None
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Shut down the DDP process group before the interpreter exits.
+
+    Lightning destroys it at exit only for NCCL. A gloo group left to the interpreter's teardown
+    can abort the process at exit ("terminate called without an active exception", exit 134)
+    after a run that succeeded: seen about once in 15 two-process CPU fits here.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def plain_message(exc: BaseException) -> str:

@@ -1,0 +1,109 @@
+"""What ``find_unused_parameters=True`` costs per training step under DDP x2 on the CPU.
+
+FreezeSchedule turns it on whenever milestones exist: the layers a later milestone unfreezes are
+registered with DDP's reducer up front but get no gradient until then, and DDP must be told so.
+This runs the ``partial`` regime (block5 trains) in two settings, alternately A, B, A, B...:
+
+- A: no milestones (``find_unused_parameters`` off),
+- B: a milestone at epoch 100, never reached (on; block4 registered but unused),
+
+so the trainable layers, the data and the arithmetic are the same and only DDP's extra
+traversal of the autograd graph (and the unused block4 bucket) differs. Each run is a fresh
+2-process fit; the time per step is the median of rank 0's steps after the first three.
+
+    python benchmarks/ddp_find_unused.py --pairs 3 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class StepTimes(pl.Callback):
+    """Wall time of each training step on this rank."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args) -> None:  # noqa: D102
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:  # noqa: D102
+        self.times.append(time.perf_counter() - self._start)
+
+
+def worker(milestones: bool, steps: int, size: int, batch: int, out: Path) -> None:
+    from tlfinetune import FreezeSchedule, TransferClassifier
+
+    pl.seed_everything(0)
+    n = steps * batch * 2
+    x = torch.randint(0, 255, (n, 3, size, size), dtype=torch.uint8)
+    y = torch.arange(n) % 3
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch)
+    model = TransferClassifier(weights="none", num_classes=3, image_size=size)
+    schedule = FreezeSchedule(
+        regime="partial", unfreeze_from="block5", milestones={100: "block4"} if milestones else None
+    )
+    times = StepTimes()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, precision="bf16-mixed",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[schedule, times],
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=loader)
+    if trainer.is_global_zero:
+        kwargs = getattr(trainer.strategy, "_ddp_kwargs", {})
+        out.write_text(
+            json.dumps(
+                {
+                    "find_unused_parameters": kwargs.get("find_unused_parameters", False),
+                    "median_s": statistics.median(times.times[3:]),
+                }
+            )
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--worker", choices=["A", "B"])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker == "B", args.steps, args.size, args.batch, args.out)
+        return
+    results: dict[str, list[float]] = {"A": [], "B": []}
+    for pair in range(args.pairs):
+        for setting in ("A", "B"):
+            out = Path(f"/tmp/ddp_find_unused_{os.getpid()}_{pair}{setting}.json")
+            cmd = [sys.executable, __file__, "--worker", setting, "--out", str(out),
+                   "--steps", str(args.steps), "--size", str(args.size),
+                   "--batch", str(args.batch)]  # fmt: skip
+            subprocess.run(cmd, check=True, capture_output=True)
+            row = json.loads(out.read_text())
+            out.unlink()
+            results[setting].append(row["median_s"])
+            print(f"pair {pair} {setting}: find_unused_parameters={row['find_unused_parameters']}"
+                  f", {row['median_s'] * 1000:.1f} ms/step", flush=True)  # fmt: skip
+    ratios = [b / a for a, b in zip(results["A"], results["B"], strict=True)]
+    print(f"B / A per pair: {', '.join(f'{r:.3f}' for r in ratios)}; "
+          f"median {statistics.median(ratios):.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

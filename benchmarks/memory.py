@@ -1,0 +1,132 @@
+"""Peak memory of ``predict`` and ``test`` as the number of images grows (issue 14).
+
+Generates small PNG images (one folder per class, 1,000 classes) and a 1,000-class checkpoint
+with random weights, then runs ``python -m tlfinetune predict`` and ``test`` over N images, each
+in a fresh process, and reports that process's peak resident memory (``ru_maxrss``). What grows
+with N is what the run keeps per image: the requirement is that 20,000 images cost at most
+150 MB more than 2,000.
+
+    python benchmarks/memory.py --images 2000 20000 --out /tmp/memory-bench
+
+``--pythonpath DIR`` measures another checkout of tlfinetune (e.g. the previous version).
+DataLoader workers are off (``--data.num_workers 0``), so the main process holds everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CLASSES = 1000
+SIZE = 32
+
+
+def make_images(root: Path, n: int) -> Path:
+    """``n`` PNGs in ``root/images_<n>/c<k>/`` (k = i mod 1,000); reused when present."""
+    folder = root / f"images_{n}"
+    done = folder / ".complete"
+    if done.is_file():
+        return folder
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(n)
+    for k in range(CLASSES):
+        (folder / f"c{k:04d}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"c{i % CLASSES:04d}" / f"{i:06d}.png")
+    done.touch()
+    return folder
+
+
+def make_checkpoint(root: Path, backbone: str) -> Path:
+    """A Lightning checkpoint of a 1,000-class TransferClassifier with random weights."""
+    path = root / f"{backbone}_{CLASSES}.ckpt"
+    if path.is_file():
+        return path
+    import lightning.pytorch as pl
+
+    from tlfinetune import TransferClassifier
+
+    names = [f"c{k:04d}" for k in range(CLASSES)]
+    model = TransferClassifier(
+        backbone=backbone, weights="none", num_classes=CLASSES, class_names=names, image_size=SIZE
+    )
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def measure(command: list[str]) -> None:
+    """Run the CLI in this process, then print its peak RSS (MB) and wall time as JSON."""
+    from tlfinetune.cli import main
+
+    sys.argv = sys.argv[:1]  # the command is given to main(), not read from the command line
+    start = time.perf_counter()
+    main(command)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print("MEASURED " + json.dumps({"peak_mb": peak, "seconds": time.perf_counter() - start}))
+
+
+def run(command: list[str], pythonpath: str | None) -> dict[str, float]:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    proc = subprocess.run(
+        [sys.executable, __file__, "--measure", json.dumps(command)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("MEASURED ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line.removeprefix("MEASURED "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, nargs="+", default=[2000, 20000])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/tlfinetune-memory"))
+    parser.add_argument("--backbone", default="vgg11")
+    parser.add_argument("--commands", nargs="+", default=["predict", "test"])
+    parser.add_argument("--pythonpath", help="PYTHONPATH of the tlfinetune to measure")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        measure(json.loads(args.measure))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = make_checkpoint(args.out, args.backbone)
+    common = ["--data.num_workers=0", "--data.batch_size=64", "--trainer.accelerator=cpu",
+              "--trainer.enable_progress_bar=false"]  # fmt: skip
+    rows = []
+    for command in args.commands:
+        for n in args.images:
+            folder = make_images(args.out, n)
+            out = args.out / f"{command}_{n}"
+            if command == "predict":
+                cli = ["predict", f"--ckpt_path={ckpt}", f"--data.predict_dir={folder}"]
+            else:
+                cli = ["test", f"--ckpt_path={ckpt}", f"--data.root={folder}"]
+            result = run([*cli, *common, f"--trainer.default_root_dir={out}"], args.pythonpath)
+            rows.append({"command": command, "images": n, **result})
+            print(f"{command:8} {n:>7} images: peak RSS {result['peak_mb']:7.0f} MB, "
+                  f"{result['seconds']:6.1f} s", flush=True)  # fmt: skip
+    for command in args.commands:
+        peaks = [r["peak_mb"] for r in rows if r["command"] == command]
+        if len(peaks) > 1:
+            print(f"{command}: {peaks[-1] - peaks[0]:+.0f} MB from {args.images[0]:,} to "
+                  f"{args.images[-1]:,} images")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
