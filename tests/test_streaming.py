@@ -1,4 +1,4 @@
-"""predictions.csv is streamed: the same rows as computed directly, nothing kept per image."""
+"""predictions.csv and the reports stream: nothing kept per image, every image counted once."""
 
 import csv
 import tracemalloc
@@ -147,3 +147,51 @@ def test_report_state_does_not_grow_with_the_number_of_images():
     assert sizes[0] == sizes[1]  # 320 images or 1,920: confusion matrix + 8 mistakes
     assert len(collector.mistakes) == max_mistakes
     assert int(collector.counts.confusion.sum()) == 120 * batch
+
+
+class FakeTrainer:
+    """What the report and the datamodule read of a Trainer under DDP, for one rank."""
+
+    def __init__(self, rank: int, loader=None, fn: str = "test") -> None:
+        self.world_size, self.global_rank = 2, rank
+        self.distributed_sampler_kwargs = {"num_replicas": 2, "rank": rank}
+        self.state = type("State", (), {"fn": fn})()
+        self.test_dataloaders = loader
+
+
+def test_report_counts_a_padding_repeat_once():
+    from torch.utils.data import DistributedSampler
+
+    from tlfinetune.report import _not_padding
+
+    dataset = TensorDataset(torch.arange(7))  # 7 images, 2 processes: one is repeated
+    kept = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
+        loader = DataLoader(dataset, batch_size=3, sampler=sampler)
+        seen = 0
+        for (batch,) in loader:
+            mask = _not_padding(FakeTrainer(rank, loader), 0, seen, len(batch))
+            seen += len(batch)
+            kept += (batch if mask is None else batch[mask]).tolist()
+    assert sorted(kept) == list(range(7))  # without the mask: image 0 twice
+
+
+def test_validate_and_test_loaders_give_each_image_to_one_process():
+    from tlfinetune.data import ImageDataModule
+
+    images = torch.randint(0, 255, (9, 8, 8, 3), dtype=torch.uint8)
+    labels = torch.arange(9) % 3
+    dm = ImageDataModule.from_arrays(
+        images, labels, images, labels, images[:7], labels[:7], image_size=8, batch_size=4,
+        num_workers=0,
+    )  # fmt: skip
+    dm.setup("test")
+    for fn, loader, n in (("test", "test_dataloader", 7), ("validate", "val_dataloader", 9)):
+        seen = []
+        for rank in (0, 1):
+            dm.trainer = FakeTrainer(rank, fn=fn)
+            seen += list(getattr(dm, loader)().sampler)
+        assert sorted(seen) == list(range(n))  # each image once: no repeat to even out ranks
+    dm.trainer = FakeTrainer(0, fn="fit")  # fit's validation: Lightning's padded sampler
+    assert getattr(dm.val_dataloader(), "sampler", None).__class__.__name__ == "SequentialSampler"
