@@ -1,15 +1,17 @@
 """What ``find_unused_parameters=True`` costs per training step under DDP x2 on the CPU.
 
-FreezeSchedule turns it on whenever milestones exist: the layers a later milestone unfreezes are
-registered with DDP's reducer up front but get no gradient until then, and DDP must be told so.
-This runs the ``partial`` regime (block5 trains) in two settings, alternately A, B, A, B...:
+FreezeSchedule used to turn it on whenever milestones existed: the layers a later milestone
+unfreezes were registered with DDP's reducer up front but got no gradient until then. It now
+wraps the model again whenever the trainable set changes instead. This runs the ``partial``
+regime (block5 trains) with a milestone at epoch 100 (never reached) two ways, alternately
+A, B, A, B...:
 
-- A: no milestones (``find_unused_parameters`` off),
-- B: a milestone at epoch 100, never reached (on; block4 registered but unused),
+- A (now): the model re-wrapped at the start of the fit, ``find_unused_parameters`` off;
+- B (before): block4 registered with DDP but unused, ``find_unused_parameters=True``,
 
-so the trainable layers, the data and the arithmetic are the same and only DDP's extra
-traversal of the autograd graph (and the unused block4 bucket) differs. Each run is a fresh
-2-process fit; the time per step is the median of rank 0's steps after the first three.
+so the trainable layers, the data and the arithmetic are the same and only DDP's work differs:
+B traverses the autograd graph each step and all-reduces block4's zero gradients. Each run is a
+fresh 2-process fit; the time per step is the median of rank 0's steps after the first three.
 
     python benchmarks/ddp_find_unused.py --pairs 3 --steps 20
 """
@@ -35,17 +37,24 @@ class StepTimes(pl.Callback):
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.find_unused: bool | None = None  # of the DDP wrapper in use while training
         self._start = 0.0
 
     def on_train_batch_start(self, *args) -> None:  # noqa: D102
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, *args) -> None:  # noqa: D102
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:  # noqa: D102
         self.times.append(time.perf_counter() - self._start)
+        self.find_unused = getattr(trainer.strategy.model, "find_unused_parameters", None)
 
 
-def worker(milestones: bool, steps: int, size: int, batch: int, out: Path) -> None:
-    from tlfinetune import FreezeSchedule, TransferClassifier
+def worker(before: bool, steps: int, size: int, batch: int, out: Path) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from tlfinetune import FreezeSchedule, TransferClassifier, freeze
+
+    if before:  # the previous behaviour: one wrapper for the whole fit, unused parameters
+        freeze.rewrap_ddp = lambda trainer: False
 
     pl.seed_everything(0)
     n = steps * batch * 2
@@ -53,22 +62,20 @@ def worker(milestones: bool, steps: int, size: int, batch: int, out: Path) -> No
     y = torch.arange(n) % 3
     loader = DataLoader(TensorDataset(x, y), batch_size=batch)
     model = TransferClassifier(weights="none", num_classes=3, image_size=size)
-    schedule = FreezeSchedule(
-        regime="partial", unfreeze_from="block5", milestones={100: "block4"} if milestones else None
-    )
+    schedule = FreezeSchedule(regime="partial", unfreeze_from="block5", milestones={100: "block4"})
     times = StepTimes()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, precision="bf16-mixed",
+        accelerator="cpu", devices=2, strategy=DDPStrategy(find_unused_parameters=before),
+        max_epochs=1, precision="bf16-mixed",
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[schedule, times],
     )  # fmt: skip
     trainer.fit(model, train_dataloaders=loader)
     if trainer.is_global_zero:
-        kwargs = getattr(trainer.strategy, "_ddp_kwargs", {})
         out.write_text(
             json.dumps(
                 {
-                    "find_unused_parameters": kwargs.get("find_unused_parameters", False),
+                    "find_unused_parameters": times.find_unused,
                     "median_s": statistics.median(times.times[3:]),
                 }
             )
@@ -81,7 +88,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--worker", choices=["A", "B"])
+    parser.add_argument("--worker", choices=["A", "B"], help="A: re-wrapped, B: before")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.worker:

@@ -25,9 +25,10 @@ Why this is a plain callback and not Lightning's ``BaseFinetuning`` / ``Backbone
   backbone at ``lr * backbone_lr_ratio``). Parameters that are still frozen get no gradient, so
   torch optimizers skip them; no param group is ever added mid-training, so LR schedulers,
   optimizer checkpoints and resume keep working across an unfreeze (Lightning #8720, Flash #1321).
-- Under DDP those parameters are registered with the reducer at wrap time (they require grad
-  then), and ``find_unused_parameters`` is switched on, so a layer unfrozen later is all-reduced
-  (Lightning #20340).
+- Under DDP the model is wrapped again whenever the trainable set changes (at the start of the
+  fit and at each milestone), so DDP's reducer always holds exactly the parameters that train:
+  a layer unfrozen later is all-reduced (Lightning #20340), and ``find_unused_parameters`` is
+  not needed (measured in ``benchmarks/ddp_find_unused.py``).
 - Frozen BatchNorm stays in eval mode (Keras semantics of ``trainable=False``): its running
   statistics never move. :class:`~tlfinetune.module.TransferClassifier` re-asserts this on every
   ``train()`` call, so Lightning's mode switching after validation cannot undo it.
@@ -35,11 +36,15 @@ Why this is a plain callback and not Lightning's ``BaseFinetuning`` / ``Backbone
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from tlfinetune.backbone import block_of, resolve_unfreeze_from
 from tlfinetune.errors import ConfigError
@@ -107,6 +112,7 @@ class FreezeSchedule(pl.Callback):
         self.steps: list[tuple[int, int]] = []
         self._applied: int | None = None  # trainable_from currently in force
         self._restored_epoch: int | None = None
+        self._wrapped_for: int | None = None  # trainable_from the DDP wrapper was built for
 
     @staticmethod
     def find(trainer: pl.Trainer | None) -> FreezeSchedule | None:
@@ -145,26 +151,28 @@ class FreezeSchedule(pl.Callback):
         # Before the optimizer and the DDP wrapper exist: they must know every parameter that
         # will ever train. on_fit_start then freezes what is frozen at the starting epoch.
         set_trainable_from(pl_module, self.steps[-1][1])
-        if len(self.steps) > 1 and hasattr(trainer.strategy, "_ddp_kwargs"):
-            # Parameters still frozen get no gradient; DDP must be told that is expected.
-            trainer.strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
+        self._wrapped_for = self.steps[-1][1]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Freeze for the starting epoch (restored from the checkpoint when resuming)."""
         epoch = self._restored_epoch if self._restored_epoch is not None else trainer.current_epoch
-        self._apply(pl_module, epoch, announce=False)
+        self._apply(trainer, pl_module, epoch, announce=False)
         log.info(describe(pl_module, self._applied))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Unfreeze at milestones; idempotent otherwise."""
-        self._apply(pl_module, trainer.current_epoch, announce=True)
+        self._apply(trainer, pl_module, trainer.current_epoch, announce=True)
 
-    def _apply(self, pl_module: pl.LightningModule, epoch: int, announce: bool) -> None:
+    def _apply(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, announce: bool
+    ) -> None:
         index = self.trainable_from(epoch)
         if index == self._applied:
             return
         set_trainable_from(pl_module, index)
         self._applied = index
+        if index != self._wrapped_for and rewrap_ddp(trainer):
+            self._wrapped_for = index
         if announce:
             name = pl_module.hparams.backbone
             log.info(
@@ -185,6 +193,30 @@ class FreezeSchedule(pl.Callback):
             if index == self._applied:
                 return first
         return None
+
+
+def rewrap_ddp(trainer: pl.Trainer) -> bool:
+    """Wrap the module in a new DistributedDataParallel for the parameters that train now.
+
+    DDP registers the parameters that require grad when it wraps the model and all-reduces
+    exactly those every step. Re-wrapping at each change of the trainable set keeps that list
+    equal to the parameters that get a gradient, so ``find_unused_parameters`` (a traversal of
+    the autograd graph each step, and an all-reduce of zeros for every frozen parameter a later
+    milestone will unfreeze) is never needed. Wrapping again broadcasts rank 0's weights, which
+    every rank already has. Returns False when the model is not wrapped in DDP.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or not isinstance(
+        strategy.model, DistributedDataParallel
+    ):
+        return False
+    old = weakref.ref(strategy.model)
+    strategy.model = strategy.lightning_module
+    strategy.configure_ddp()
+    gc.collect()  # the old reducer's gradient hooks go with it; it must not reduce again
+    if old() is not None:
+        raise RuntimeError("The previous DistributedDataParallel wrapper is still referenced.")
+    return True
 
 
 def set_trainable_from(pl_module: pl.LightningModule, index: int) -> None:
