@@ -28,7 +28,7 @@ def data(augment=False, n=40, seed=0, num_workers=0):
 def fit(cache: bool, schedule: FreezeSchedule, epochs=3, dm=None, **trainer_kwargs):
     torch.manual_seed(0)
     model = TransferClassifier(backbone="test_vgg16", weights="none", feature_cache=cache)
-    store = FeatureCache(enabled=cache)
+    store = FeatureCache()  # serves only a model with feature_cache on: the one switch
     t = trainer(epochs, callbacks=[schedule, store], **trainer_kwargs)
     t.fit(model, dm or data())
     return model, store
@@ -112,29 +112,43 @@ def test_cache_key_changes_with_weights_and_data():
     assert store._key("train", dm.train_dataset, 31) != key
 
 
+class Where(pl.Callback):
+    """Where the cached features live at the end of each epoch (memory or a mapped file)."""
+
+    def __init__(self, store):
+        self.store, self.seen = store, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seen.append(sorted(str(f.is_shared()) for _, f, _ in self.store._store.values()))
+
+
 @pytest.mark.parametrize("budget_mb", [0])
 def test_memory_budget_moves_features_to_a_file(tmp_path, budget_mb):
     torch.manual_seed(0)
     model = TransferClassifier(backbone="test_vgg16", weights="none")
     store = FeatureCache(memory_mb=budget_mb)
-    t = trainer(2, callbacks=[FreezeSchedule(), store], default_root_dir=tmp_path)
+    where = Where(store)
+    t = trainer(2, callbacks=[FreezeSchedule(), store, where], default_root_dir=tmp_path)
     t.fit(model, data())
-    files = list((tmp_path / "feature_cache").glob("*.bin"))
-    assert len(files) == 2 and store.builds == 2
+    assert store.builds == 2
+    assert where.seen[-1] == ["True", "True"]  # train and val features memory-mapped
+    assert list(tmp_path.iterdir()) == []  # and no file left behind when the fit ends
 
 
 def test_epochs_the_cache_does_not_serve_reuse_the_datamodules_loader():
     # Lightning without the cache builds the train loader once; a new one per epoch would
     # restart its workers every epoch (seconds each with many workers on a GPU machine).
-    dm, calls = data(), []
-    own = dm.train_dataloader
-    dm.train_dataloader = lambda: calls.append(1) or own()
+    dm, calls, iterated = data(), [], []
+    own = dm._train_images  # the datamodule building its image loader
+    dm._train_images = lambda: calls.append(1) or own()
     torch.manual_seed(0)
     model = TransferClassifier(backbone="test_vgg16", weights="none")
     store = FeatureCache()
     schedule = FreezeSchedule(regime="frozen", milestones={1: "block1"}, backbone_lr_ratio=0.5)
-    trainer(3, callbacks=[schedule, store]).fit(model, dm)
+    seen = pl.Callback()
+    seen.on_train_epoch_start = lambda t, m: iterated.append(t.train_dataloader)
+    trainer(3, callbacks=[schedule, store, seen]).fit(model, dm)
     plain, _ = fit(False, FreezeSchedule("frozen", milestones={1: "block1"}, backbone_lr_ratio=0.5))
-    assert len(calls) == 1
+    assert len(calls) == 1 and len(iterated) == 3 and len({id(x) for x in iterated}) == 1
     assert store.builds == 0  # the frozen phase lasts one epoch: nothing would read a cache
     assert_same_weights(model, plain)

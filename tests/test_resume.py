@@ -53,7 +53,7 @@ def run(folder, epochs, milestone, ckpt=None, cache=True, workers=0, dropout=0.3
                 regime="frozen", milestones={milestone: "block5"}, backbone_lr_ratio=0.5
             ),
             ModelCheckpoint(dirpath=folder / "ckpt", save_last=True),
-            FeatureCache(enabled=cache),
+            FeatureCache(),  # serves only when the model's feature_cache is on
         ],
         plugins=[AtomicCheckpointIO()],
     )

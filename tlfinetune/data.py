@@ -40,6 +40,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tlfinetune.arrays import index_arrays
+from tlfinetune.cache import FeatureCache
 from tlfinetune.datasets import ArrayDataset, ImageFileDataset, IndexedDataset
 from tlfinetune.demo import ensure_demo_dataset
 from tlfinetune.errors import DataError
@@ -533,7 +534,14 @@ class ImageDataModule(pl.LightningDataModule):
         return dataset
 
     def train_dataloader(self) -> DataLoader:
-        """Training batches in an order fixed by ``(seed, epoch)``: :class:`EpochShuffleSampler`."""
+        """Training batches in an order fixed by ``(seed, epoch)``: :class:`EpochShuffleSampler`.
+
+        Without augmentation, a fit's :class:`~tlfinetune.cache.FeatureCache` may serve them
+        as cached backbone features instead, in the same order.
+        """
+        return FeatureCache.dataloader(self.trainer, "train", self._train_images)
+
+    def _train_images(self) -> DataLoader:
         dataset = self._require("train_dataset", "fit")
         sampler = EpochShuffleSampler(len(dataset), self.seed)  # type: ignore[arg-type]
         sampler.set_epoch(self._current_epoch())
@@ -546,9 +554,13 @@ class ImageDataModule(pl.LightningDataModule):
         return self._current_epoch(), int(batches)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation batches, in dataset order."""
-        dataset = self._require("val_dataset", "validate")
-        return self._loader(dataset, self._each_once_sampler(dataset))
+        """Validation batches, in dataset order (from the feature cache as training's are)."""
+
+        def images() -> DataLoader:
+            dataset = self._require("val_dataset", "validate")
+            return self._loader(dataset, self._each_once_sampler(dataset))
+
+        return FeatureCache.dataloader(self.trainer, "val", images)
 
     def test_dataloader(self) -> DataLoader:
         """Test batches, in dataset order; a :class:`DataError` when there is no test split."""

@@ -64,6 +64,8 @@ class TransferClassifier(pl.LightningModule):
         std: per-channel normalisation std of the weights' preset.
         feature_cache: compute the frozen backbone layers once and train the rest from cached
             features while that cannot change results (frozen prefix, ``augment: false``).
+            The one switch of the cache: a :class:`~tlfinetune.cache.FeatureCache` in the
+            Trainer only serves a model that has it on.
 
     Example:
         >>> model = TransferClassifier(num_classes=3, weights="none", image_size=32)
@@ -180,12 +182,11 @@ class TransferClassifier(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Add a FreezeSchedule (backbone frozen) and a FeatureCache when the Trainer has none."""
-        callbacks = self._trainer.callbacks if self._trainer is not None else []
         extra: list[pl.Callback] = []
         if FreezeSchedule.find(self._trainer) is None:
             extra.append(FreezeSchedule())
-        if not any(isinstance(c, FeatureCache) for c in callbacks):
-            extra.append(FeatureCache(enabled=self.hparams.feature_cache))
+        if self.hparams.feature_cache and FeatureCache.find(self._trainer) is None:
+            extra.append(FeatureCache())
         return extra
 
     # --- forward -------------------------------------------------------------------------------
@@ -241,8 +242,8 @@ class TransferClassifier(pl.LightningModule):
             if self.hparams.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits = self.head(self.backbone[batch.start :](x))
-        else:
-            x, y = batch
+        else:  # (images, labels), or an ImageBatch that also carries positions for the cache
+            x, y = batch[0], batch[1]
             logits = self(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.label_smoothing)
         metrics.update(logits.detach().float(), y)
