@@ -182,6 +182,14 @@ class FeatureCache(pl.Callback):
             return images()
         return cache._loader(split, images)
 
+    def features(self, split: str) -> torch.Tensor | None:
+        """The cached ``(N, C, H, W)`` features of ``split`` (``"train"``/``"val"``), if any.
+
+        Held between the first epoch of a freeze phase and the end of the fit.
+        """
+        cached = self._store.get(split)
+        return cached[1] if cached is not None else None
+
     # --- when it is safe ---------------------------------------------------------------------
 
     def _why_not(self, trainer: pl.Trainer, pl_module: Any) -> str | None:
@@ -489,10 +497,10 @@ class FeatureCache(pl.Callback):
         if free < needed:
             log.warning(
                 f"Feature cache off for this phase: the {capture.split} features need "
-                f"{needed / 2**30:.2f} GiB on disk in {base.resolve()}, which has "
-                f"{free / 2**30:.2f} GiB free. Training goes on through the images (same "
-                "results, slower). Free some space there, point FeatureCache(directory=...) at "
-                "a larger disk, or raise FeatureCache(memory_mb=...) to keep them in memory."
+                f"{_size(needed)} on disk in {base.resolve()}, which has {_size(free)} free. "
+                "Training goes on through the images (same results, slower). Free some space "
+                "there, point FeatureCache(directory=...) at a larger disk, or raise "
+                "FeatureCache(memory_mb=...) to keep them in memory."
             )
             return False
         folder = Path(tempfile.mkdtemp(prefix="feature_cache-", dir=base))
@@ -506,7 +514,7 @@ class FeatureCache(pl.Callback):
                     f.truncate(nbytes)
         except OSError as exc:
             log.warning(
-                f"Feature cache off for this phase: could not reserve {nbytes / 2**30:.2f} GiB "
+                f"Feature cache off for this phase: could not reserve {_size(nbytes)} "
                 f"in {folder} ({exc}). Training goes on through the images."
             )
             shutil.rmtree(folder, ignore_errors=True)
@@ -529,3 +537,11 @@ def _plain_batches(loader: Any) -> bool:
         and loader.batch_size is not None
         and type(loader.batch_sampler) is BatchSampler
     )
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError  # unreachable
