@@ -23,8 +23,12 @@ memory-mapped file; that file is removed from its folder as soon as it is mapped
 is freed when the process ends, however it ends), and the folder when the fit ends.
 
 The model is the one switch (``TransferClassifier(feature_cache=...)``): it consumes the cached
-batches. The datamodule opts in by asking :meth:`FeatureCache.dataloader` for its train/val
-loaders (``ImageDataModule`` does). The cache stays off whenever it could change results or not
+batches. The datamodule opts in by asking :meth:`FeatureCache.dataloader` from its own
+``train_dataloader``/``val_dataloader`` hooks (``ImageDataModule`` does): those hooks are
+Lightning's public way to provide loaders, and the datamodule is what knows its images are
+deterministic, so nothing replaces its methods from outside. The one Trainer setting the cache
+changes, ``reload_dataloaders_every_n_epochs = 1`` (put back at the end), is Lightning's public
+way to be asked for loaders every epoch. The cache stays off whenever it could change results or not
 pay off: augmentation on, ``limit_train_batches``, a user's ``reload_dataloaders_every_n_epochs``,
 or features larger than the images. It is keyed by the frozen weights, image size, transforms,
 data and precision: any change rebuilds it.
@@ -160,7 +164,7 @@ class FeatureCache(pl.Callback):
     @staticmethod
     def find(trainer: pl.Trainer | None) -> FeatureCache | None:
         """The Trainer's FeatureCache, or None."""
-        callbacks = trainer.callbacks if trainer is not None else []
+        callbacks = getattr(trainer, "callbacks", None) or []  # stand-ins may have none
         return next((c for c in callbacks if isinstance(c, FeatureCache)), None)
 
     @staticmethod
@@ -455,6 +459,9 @@ class FeatureCache(pl.Callback):
             if usable:
                 log.warning("Feature cache off for this phase: another process had no room.")
             capture.failed = True
+            # Every rank stops trying for this phase, so later epochs' loaders (and the
+            # collectives of their captures) stay the same on every rank.
+            self._refused.add((capture.split, capture.start))
             return
         features = capture.features
         shape, dtype = features.shape[1:], features.dtype
