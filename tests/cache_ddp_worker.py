@@ -42,7 +42,7 @@ def fit(cache: bool) -> dict:
         augment=False, num_workers=0, seed=3,
     )  # fmt: skip
     pl.seed_everything(0)
-    model = TransferClassifier(weights="none", feature_cache=cache)
+    model = TransferClassifier(backbone="test_vgg16", weights="none", feature_cache=cache)
     record = Record()
     trainer = pl.Trainer(
         accelerator="cpu",
