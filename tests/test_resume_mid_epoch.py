@@ -12,6 +12,7 @@ import torch
 from tiny import tiny_tensors
 
 from tlfinetune import FreezeSchedule, ImageDataModule, TransferClassifier
+from tlfinetune.cli import main
 from tlfinetune.runs import AtomicCheckpointIO, RunCheckpoint
 
 pytestmark = pytest.mark.slow
@@ -106,39 +107,52 @@ def test_a_run_stopped_mid_epoch_resumes_where_it_stood(tmp_path, workers):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
 
-def test_sigkill_mid_epoch_and_resume_from_the_command_line(tmp_path):
-    """`--checkpoint.every_n_train_steps`, SIGKILL inside an epoch, `fit --ckpt_path last`."""
+def test_sigkill_mid_epoch_and_resume_from_the_command_line(tmp_path, monkeypatch):
+    """`--checkpoint.every_n_train_steps`, SIGKILL inside a cached epoch, `fit --ckpt_path last`.
+
+    The frozen regime's epochs 0-1 are one freeze phase (epoch 1 is served from the feature
+    cache), then a milestone unfreezes block5 at epoch 2. The kill lands in epoch 1; the resumed
+    process has no cache, trains the rest of epoch 1 through the images, then the milestone.
+    """
     args = [
-        sys.executable, "-m", "tlfinetune", "fit",
-        "--data.root=demo", "--data.image_size=32", "--data.batch_size=32", "--data.augment=false",
-        "--data.num_workers=0", "--model.backbone=test_vgg16", "--model.weights=none",
-        "--model.head_dropout=0.3", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
-        "--seed_everything=1", "--freeze.regime=partial", "--checkpoint.every_n_train_steps=5",
-        "--model.feature_cache=false",
+        "fit", "--data.root=demo", "--data.image_size=32", "--data.batch_size=32",
+        "--data.augment=false", "--data.num_workers=0", "--model.backbone=test_vgg16",
+        "--model.weights=none", "--model.head_dropout=0.3", "--trainer.max_epochs=3",
+        "--trainer.enable_progress_bar=false", "--seed_everything=1",
+        "--freeze.milestones={2: block5}", "--checkpoint.every_n_train_steps=5",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
 
     def fit(root, *extra):
         return subprocess.run(
-            [*args, f"--trainer.default_root_dir={root}", *extra],
+            [sys.executable, "-m", "tlfinetune", *args, f"--trainer.default_root_dir={root}",
+             *extra],
             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
         )  # fmt: skip
 
-    # The demo has 360 training images: 12 batches an epoch. Step 15 is saved (every 5 steps);
-    # the kill comes as step 17 (epoch 1, batch 5) is about to run.
-    killed = fit(
-        tmp_path / "b", "--trainer.callbacks+=stop_at.KillAt", "--trainer.callbacks.step=17"
-    )
+    # The demo has 360 training images: 12 batches an epoch. Step 15 (epoch 1, batch 2) is
+    # saved; the kill comes from inside as step 17 is about to run (an outside kill timed by
+    # polling could land after a small model had finished).
+    root = tmp_path / "b"
+    killed = fit(root, "--trainer.callbacks+=stop_at.KillAt", "--trainer.callbacks.step=17")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    last = tmp_path / "b" / "version_0" / "checkpoints" / "last.ckpt"
+    assert "Feature cache:" in killed.stderr  # epoch 1 was being served from the cache
+    last = root / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 15
-    resumed = fit(tmp_path / "b", "--ckpt_path=last")
+    resumed = fit(root, "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stderr
     assert "not resumable" not in resumed.stderr  # Lightning's warning for a loader that can't
-    whole = fit(tmp_path / "a")
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert not (root / "version_1").exists()  # resumed into the same run folder
+    assert len(list((root / "version_0").glob("config*.yaml"))) == 2  # earlier config kept
+
+    # The uninterrupted run, in this process (the command's own code, without a second start).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # seed_everything sets it
+    main([*args, f"--trainer.default_root_dir={tmp_path / 'a'}"])
     a, b = (torch.load(r / "version_0/checkpoints/last.ckpt", weights_only=True) for r in (
-        tmp_path / "a", tmp_path / "b"))  # fmt: skip
-    assert a["global_step"] == b["global_step"] == 24
+        tmp_path / "a", root))  # fmt: skip
+    assert a["global_step"] == b["global_step"] == 36
     for name, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], value, rtol=0, atol=0, msg=name)

@@ -49,10 +49,24 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, default_collate
 
+from tlfinetune.sampling import ResumableDataLoader
+
 log = logging.getLogger(__name__)
 
 # Rows per rank and round when ranks exchange features: bounds the extra memory of the exchange.
 _SHARE_BYTES = 64 * 2**20
+
+
+def _loader_like(original: Any, dataset: Dataset, **kwargs: Any) -> DataLoader:
+    """A loader of ``dataset`` that resumes mid-epoch as the datamodule's own loader does.
+
+    Every loader Lightning iterates in a fit must be as stateful as the one before: a
+    checkpoint taken in a cached epoch then resumes that epoch where it stood, and Lightning
+    finds as many loader states in a checkpoint as there are stateful loaders.
+    """
+    if isinstance(original, ResumableDataLoader):
+        return ResumableDataLoader(dataset, progress=original.progress, **kwargs)
+    return DataLoader(dataset, **kwargs)
 
 
 class CachedBatch(NamedTuple):
@@ -301,7 +315,8 @@ class FeatureCache(pl.Callback):
             # on the way: the first epoch of a phase costs what an uncached epoch costs.
             self._capture[split] = _Capture(split, key, start, len(dataset))
             workers = original.num_workers
-            return DataLoader(
+            return _loader_like(
+                original,
                 _WithPositions(dataset),
                 sampler=original.sampler,
                 batch_size=original.batch_size,
@@ -315,7 +330,8 @@ class FeatureCache(pl.Callback):
         _, features, labels = cached
         if split == "train":
             self.active = True
-        return DataLoader(
+        return _loader_like(
+            original,
             _Features(features, labels, start),
             sampler=original.sampler,
             batch_size=original.batch_size,
