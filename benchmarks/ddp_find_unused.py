@@ -18,17 +18,19 @@ fresh 2-process fit; the time per step is the median of rank 0's steps after the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse import CLI
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -48,7 +50,7 @@ class StepTimes(pl.Callback):
         self.find_unused = getattr(trainer.strategy.model, "find_unused_parameters", None)
 
 
-def worker(before: bool, steps: int, size: int, batch: int, out: Path) -> None:
+def worker_fit(before: bool, steps: int, size: int, batch: int, out: Path) -> None:
     from lightning.pytorch.strategies import DDPStrategy
 
     from tlfinetune import FreezeSchedule, TransferClassifier, freeze
@@ -82,25 +84,38 @@ def worker(before: bool, steps: int, size: int, batch: int, out: Path) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--worker", choices=["A", "B"], help="A: re-wrapped, B: before")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.worker == "B", args.steps, args.size, args.batch, args.out)
+def ddp_find_unused(
+    pairs: int = 3,
+    steps: int = 20,
+    size: int = 64,
+    batch: int = 16,
+    worker: Literal["A", "B"] | None = None,
+    out: Path | None = None,
+) -> None:
+    """Time a DDP x2 training step with the model re-wrapped (A) and with unused parameters (B).
+
+    Runs ``pairs`` x (A, B) fresh 2-process fits alternately and prints each one's median step
+    time and the ratio B / A per pair.
+
+    Args:
+        pairs: Number of (A, B) pairs of fits.
+        steps: Training steps per process in each fit.
+        size: Side of the random training images, in pixels.
+        batch: Images per batch, per process.
+        worker: Internal (the parent passes it to each fit's process): run one fit, ``A``
+            re-wrapped or ``B`` as before, and write rank 0's result to ``out``.
+        out: Internal: the JSON file a ``worker`` writes.
+    """
+    if worker:
+        worker_fit(worker == "B", steps, size, batch, out)
         return
     results: dict[str, list[float]] = {"A": [], "B": []}
-    for pair in range(args.pairs):
+    for pair in range(pairs):
         for setting in ("A", "B"):
             out = Path(f"/tmp/ddp_find_unused_{os.getpid()}_{pair}{setting}.json")
             cmd = [sys.executable, __file__, "--worker", setting, "--out", str(out),
-                   "--steps", str(args.steps), "--size", str(args.size),
-                   "--batch", str(args.batch)]  # fmt: skip
+                   "--steps", str(steps), "--size", str(size),
+                   "--batch", str(batch)]  # fmt: skip
             subprocess.run(cmd, check=True, capture_output=True)
             row = json.loads(out.read_text())
             out.unlink()
@@ -110,6 +125,15 @@ def main() -> None:
     ratios = [b / a for a, b in zip(results["A"], results["B"], strict=True)]
     print(f"B / A per pair: {', '.join(f'{r:.3f}' for r in ratios)}; "
           f"median {statistics.median(ratios):.3f}")  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python benchmarks/ddp_find_unused.py [--pairs 3] [--steps 20] ...``: see above.
+
+    The flags are :func:`ddp_find_unused`'s typed signature, read by jsonargparse as the
+    package's own command line is.
+    """
+    CLI(ddp_find_unused, args=None if argv is None else list(argv), as_positional=False)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,17 @@ DataLoader workers are off (``--data.num_workers 0``), so the main process holds
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
+
+from jsonargparse import CLI
 
 CLASSES = 1000
 SIZE = 32
@@ -65,7 +68,7 @@ def make_checkpoint(root: Path, backbone: str) -> Path:
     return path
 
 
-def measure(command: list[str]) -> None:
+def measure_here(command: list[str]) -> None:
     """Run the CLI in this process, then print its peak RSS (MB) and wall time as JSON."""
     from tlfinetune.cli import main
 
@@ -92,40 +95,86 @@ def run(command: list[str], pythonpath: str | None) -> dict[str, float]:
     return json.loads(line.removeprefix("MEASURED "))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, nargs="+", default=[2000, 20000])
-    parser.add_argument("--out", type=Path, default=Path("/tmp/tlfinetune-memory"))
-    parser.add_argument("--backbone", default="vgg11")
-    parser.add_argument("--commands", nargs="+", default=["predict", "test"])
-    parser.add_argument("--pythonpath", help="PYTHONPATH of the tlfinetune to measure")
-    parser.add_argument("--measure", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.measure:
-        measure(json.loads(args.measure))
+def memory(
+    images: list[int] = [2000, 20000],  # noqa: B006 (read by jsonargparse, never mutated)
+    out: Path = Path("/tmp/tlfinetune-memory"),
+    backbone: str = "vgg11",
+    commands: list[Literal["predict", "test"]] = ["predict", "test"],  # noqa: B006
+    pythonpath: str | None = None,
+    measure: str | None = None,
+) -> None:
+    """Peak memory of ``predict`` and ``test`` over each number of images, in fresh processes.
+
+    Args:
+        images: Numbers of images to run each command on (``--images 2000 20000`` or
+            ``--images [2000,20000]``); the growth is reported from the first to the last.
+        out: Folder for the images, the checkpoint and the runs' outputs (reused).
+        backbone: torchvision VGG variant of the 1,000-class checkpoint.
+        commands: Commands to measure (``--commands predict test`` or ``[predict,test]``).
+        pythonpath: PYTHONPATH of the tlfinetune to measure (default: this environment's).
+        measure: Internal (the parent passes it to each measured process): the
+            ``tlfinetune`` command line to run in this process, as a JSON list.
+    """
+    if measure:
+        measure_here(json.loads(measure))
         return
-    args.out.mkdir(parents=True, exist_ok=True)
-    ckpt = make_checkpoint(args.out, args.backbone)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = make_checkpoint(out, backbone)
     common = ["--data.num_workers=0", "--data.batch_size=64", "--trainer.accelerator=cpu",
               "--trainer.enable_progress_bar=false"]  # fmt: skip
     rows = []
-    for command in args.commands:
-        for n in args.images:
-            folder = make_images(args.out, n)
-            out = args.out / f"{command}_{n}"
+    for command in commands:
+        for n in images:
+            folder = make_images(out, n)
+            run_dir = out / f"{command}_{n}"
             if command == "predict":
                 cli = ["predict", f"--ckpt_path={ckpt}", f"--data.predict_dir={folder}"]
             else:
                 cli = ["test", f"--ckpt_path={ckpt}", f"--data.root={folder}"]
-            result = run([*cli, *common, f"--trainer.default_root_dir={out}"], args.pythonpath)
+            result = run([*cli, *common, f"--trainer.default_root_dir={run_dir}"], pythonpath)
             rows.append({"command": command, "images": n, **result})
             print(f"{command:8} {n:>7} images: peak RSS {result['peak_mb']:7.0f} MB, "
                   f"{result['seconds']:6.1f} s", flush=True)  # fmt: skip
-    for command in args.commands:
+    for command in commands:
         peaks = [r["peak_mb"] for r in rows if r["command"] == command]
         if len(peaks) > 1:
-            print(f"{command}: {peaks[-1] - peaks[0]:+.0f} MB from {args.images[0]:,} to "
-                  f"{args.images[-1]:,} images")  # fmt: skip
+            print(f"{command}: {peaks[-1] - peaks[0]:+.0f} MB from {images[0]:,} to "
+                  f"{images[-1]:,} images")  # fmt: skip
+
+
+def _space_separated(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``--images 2000 20000`` as ``--images=[2000,20000]``.
+
+    The documented command gives the list flags argparse's way, one value per word; a typed
+    list in jsonargparse takes one word (``[2000,20000]``), so the words up to the next flag are
+    joined into it. A value that already is a list, and every other word, pass unchanged.
+    """
+    args: list[str] = []
+    i = 0
+    while i < len(argv):
+        end = i + 1
+        while argv[i] in flags and end < len(argv) and not argv[end].startswith("-"):
+            end += 1
+        values = argv[i + 1 : end]
+        if values and not values[0].lstrip().startswith("["):
+            args.append(f"{argv[i]}=[{','.join(values)}]")
+            i = end
+        else:
+            args.append(argv[i])
+            i += 1
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python benchmarks/memory.py [--images 2000 20000] [--out DIR] ...``: see above.
+
+    The flags are :func:`memory`'s typed signature, read by jsonargparse as the package's own
+    command line is.
+    """
+    args = _space_separated(
+        list(sys.argv[1:] if argv is None else argv), ("--images", "--commands")
+    )
+    CLI(memory, args=args, as_positional=False)
 
 
 if __name__ == "__main__":
