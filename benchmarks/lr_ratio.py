@@ -28,17 +28,19 @@ run takes about 15 minutes.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse import CLI
 from torch import nn
 
 from tlfinetune import FreezeSchedule, TransferClassifier
@@ -48,6 +50,10 @@ from tlfinetune.demo import generate_demo_dataset
 
 SOURCE_CLASSES = ("circle", "square", "triangle")
 TARGET_CLASSES = ("cross", "ring", "stripes")
+# What pl.Trainer(precision=...) takes (the short aliases too, which argparse passed on as well).
+Precision = Literal[
+    "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "64", "32", "16", "bf16"
+]
 
 
 def _subset(demo: Path, out: Path, classes: tuple[str, ...], counts: dict[str, int]) -> Path:
@@ -140,29 +146,46 @@ def _row(label: str, runs: list[list[float]]) -> str:
     return f"| {label} | {cell(best)} | {cell(last)} |"
 
 
-def main() -> None:
-    """Parse the arguments, run the study, write the table."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", default="proxy", help="'proxy' (pretrain on demo shapes), "
-                   "'imagenet' or a weights/checkpoint path")  # fmt: skip
-    p.add_argument("--target", default=None, help="ImageFolder with train/ and val/ (default: "
-                   "the demo's other three classes)")  # fmt: skip
-    p.add_argument("--ratios", default="1.0,0.3,0.1,0.03,0.01")
-    p.add_argument("--regimes", default="partial,full")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3, help="head lr (Adam; the seed's default)")
-    p.add_argument("--source_epochs", type=int, default=10)
-    p.add_argument("--source_lr", type=float, default=3e-4)
-    p.add_argument("--source_per_class", type=int, default=1000)
-    p.add_argument("--target_per_class", type=int, default=20)
-    p.add_argument("--val_per_class", type=int, default=100)
-    p.add_argument("--image_size", type=int, default=32)
-    p.add_argument("--precision", default="bf16-mixed", help="of the target fine-tuning runs")
-    p.add_argument("--source_precision", default=None, help="of the source pretraining "
-                   "(default: --precision); fix it to compare target precisions")  # fmt: skip
-    p.add_argument("--out", default="lr_ratio.md")
-    args = p.parse_args()
+def lr_ratio(
+    weights: str = "proxy",
+    target: str | None = None,
+    ratios: str = "1.0,0.3,0.1,0.03,0.01",
+    regimes: str = "partial,full",
+    seeds: int = 5,
+    epochs: int = 8,
+    lr: float = 1e-3,
+    source_epochs: int = 10,
+    source_lr: float = 3e-4,
+    source_per_class: int = 1000,
+    target_per_class: int = 20,
+    val_per_class: int = 100,
+    image_size: int = 32,
+    precision: Precision = "bf16-mixed",
+    source_precision: Precision | None = None,
+    out: str = "lr_ratio.md",
+) -> None:
+    """Run the backbone_lr_ratio study and write its markdown table.
+
+    Args:
+        weights: ``proxy`` (pretrain on demo shapes), ``imagenet`` or a weights/checkpoint path.
+        target: ImageFolder with ``train/`` and ``val/`` (default: the demo's other three
+            classes).
+        ratios: Comma-separated ``backbone_lr_ratio`` values to sweep.
+        regimes: Comma-separated regimes to sweep them in.
+        seeds: Seeds per run (0 to seeds - 1).
+        epochs: Epochs of each target fine-tuning run.
+        lr: Head learning rate (Adam; the seed's default).
+        source_epochs: Epochs of the source pretraining.
+        source_lr: Learning rate of the source pretraining (Adam).
+        source_per_class: Source training images per class.
+        target_per_class: Target training images per class.
+        val_per_class: Validation images per class (source and target).
+        image_size: Side of the images, in pixels.
+        precision: Precision of the target fine-tuning runs.
+        source_precision: Precision of the source pretraining (default: ``precision``); fix it
+            to compare target precisions.
+        out: Markdown file to write.
+    """
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("tlfinetune").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -170,61 +193,72 @@ def main() -> None:
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        weights, target = args.weights, Path(args.target) if args.target else None
-        if weights == "proxy" or target is None:
+        target_root = Path(target) if target else None
+        if weights == "proxy" or target_root is None:
             demo = generate_demo_dataset(
                 tmp / "demo",
-                train_per_class=max(args.source_per_class, args.target_per_class),
-                val_per_class=args.val_per_class,
+                train_per_class=max(source_per_class, target_per_class),
+                val_per_class=val_per_class,
                 test_per_class=1,
-                image_size=args.image_size,
+                image_size=image_size,
                 seed=1,
             )
         if weights == "proxy":
-            counts = {"train": args.source_per_class, "val": args.val_per_class}
+            counts = {"train": source_per_class, "val": val_per_class}
             source = _subset(demo, tmp / "source", SOURCE_CLASSES, counts)
             ckpt = tmp / "source.ckpt"
-            acc = _fit(source, "none", "full", 1.0, 0, args.source_epochs, args.source_lr,
-                       args.image_size, args.source_precision or args.precision, save=ckpt,
+            acc = _fit(source, "none", "full", 1.0, 0, source_epochs, source_lr,
+                       image_size, source_precision or precision, save=ckpt,
                        backbone="vgg16_bn")  # fmt: skip
             weights = str(fold_batchnorm(ckpt, tmp / "vgg16-proxy.pth"))
             lines.append(
-                f"Source: vgg16_bn from random init, full regime, Adam lr {args.source_lr:g}, "
-                f"{args.source_epochs} epochs on {', '.join(SOURCE_CLASSES)} x "
-                f"{args.source_per_class} images at {args.image_size} px, "
-                f"{args.source_precision or args.precision}: val acc "
+                f"Source: vgg16_bn from random init, full regime, Adam lr {source_lr:g}, "
+                f"{source_epochs} epochs on {', '.join(SOURCE_CLASSES)} x "
+                f"{source_per_class} images at {image_size} px, "
+                f"{source_precision or precision}: val acc "
                 f"{acc[-1]:.3f} (per epoch: {', '.join(f'{a:.2f}' for a in acc)}); BatchNorm "
                 f"folded into a plain vgg16 state dict (same outputs within 1e-4)."
             )
             print(lines[-1], flush=True)
-        if target is None:
-            counts = {"train": args.target_per_class, "val": args.val_per_class}
-            target = _subset(demo, tmp / "target", TARGET_CLASSES, counts)
-        seeds = range(args.seeds)
-        common = (args.epochs, args.lr, args.image_size, args.precision)
+        if target_root is None:
+            counts = {"train": target_per_class, "val": val_per_class}
+            target_root = _subset(demo, tmp / "target", TARGET_CLASSES, counts)
+        seed_range = range(seeds)
+        common = (epochs, lr, image_size, precision)
         rows: list[tuple[str, list[list[float]]]] = []
         runs_of = [("frozen, random-init backbone", "none", "frozen", 1.0),
                    ("frozen (head only)", weights, "frozen", 1.0)]  # fmt: skip
-        for regime in args.regimes.split(","):
-            for ratio in (float(r) for r in args.ratios.split(",")):
+        for regime in regimes.split(","):
+            for ratio in (float(r) for r in ratios.split(",")):
                 runs_of.append((f"{regime}, backbone_lr_ratio {ratio:g}", weights, regime, ratio))
         for label, w, regime, ratio in runs_of:
-            rows.append((label, [_fit(target, w, regime, ratio, s, *common) for s in seeds]))
+            rows.append(
+                (label, [_fit(target_root, w, regime, ratio, s, *common) for s in seed_range])
+            )
             print(_row(*rows[-1]), flush=True)
     minutes = (time.perf_counter() - started) / 60
-    what = args.target or f"{', '.join(TARGET_CLASSES)} (demo shapes the source never saw)"
+    what = target or f"{', '.join(TARGET_CLASSES)} (demo shapes the source never saw)"
     table = [
-        f"Target: {what}, {args.target_per_class} train images per class, {args.val_per_class} "
-        f"val per class, {args.image_size} px, {args.precision}, Adam head lr {args.lr:g}, "
-        f"{args.epochs} epochs, seeds 0-{args.seeds - 1}; mean (min-max) over seeds. "
+        f"Target: {what}, {target_per_class} train images per class, {val_per_class} "
+        f"val per class, {image_size} px, {precision}, Adam head lr {lr:g}, "
+        f"{epochs} epochs, seeds 0-{seeds - 1}; mean (min-max) over seeds. "
         f"{minutes:.0f} min in all.",
         "",
         "| run | best val acc | last val acc |",
         "|---|---|---|",
         *(_row(label, runs) for label, runs in rows),
     ]
-    Path(args.out).write_text("\n".join(lines + [""] + table) + "\n")
+    Path(out).write_text("\n".join(lines + [""] + table) + "\n")
     print("\n".join(table))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python benchmarks/lr_ratio.py [--out lr_ratio.md] [--ratios ...] ...``: see above.
+
+    The flags are :func:`lr_ratio`'s typed signature, read by jsonargparse as the package's own
+    command line is.
+    """
+    CLI(lr_ratio, args=None if argv is None else list(argv), as_positional=False)
 
 
 if __name__ == "__main__":
