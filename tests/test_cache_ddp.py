@@ -1,25 +1,11 @@
 """The feature cache under DDP (2 CPU processes, gloo): each rank serves its shard from it."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
+from tiny import run_worker
 
 
 def test_cached_ddp_equals_uncached_ddp(tmp_path):
-    worker = Path(__file__).with_name("cache_ddp_worker.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parent), *sys.path])}
-    proc = subprocess.run(
-        [sys.executable, str(worker), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_worker("cache_ddp_worker.py", tmp_path)
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1)]
     for r in ranks:
         cached, plain = r["cached"], r["plain"]

@@ -1,30 +1,14 @@
 """DDP with 2 CPU processes (gloo): milestones unfreeze layers that DDP must all-reduce."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from tiny import run_worker
 
 pytestmark = pytest.mark.slow
 
 
 def test_ddp_partial_regime_with_milestone(tmp_path):
-    worker = Path(__file__).with_name("ddp_worker.py")
-    # The tests folder (for tiny.py) before the caller's path, which may point at a checkout.
-    path = os.pathsep.join([str(worker.parent), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
-    proc = subprocess.run(
-        [sys.executable, str(worker), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_worker("ddp_worker.py", tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     block4 = {f"{i}.{p}" for i in (17, 19, 21) for p in ("weight", "bias")}
     block5 = {f"{i}.{p}" for i in (24, 26, 28) for p in ("weight", "bias")}

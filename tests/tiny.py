@@ -1,5 +1,10 @@
 """Tiny synthetic data and trainers for the model tests (the data module has its own tests)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -42,3 +47,22 @@ def trainer(max_epochs=1, callbacks=(), **kwargs):
         enable_model_summary=False,
         **kwargs,
     )
+
+
+def run_worker(name: str, out: Path) -> None:
+    """Run ``tests/<name> OUT`` in a fresh Python (DDP workers start their own processes).
+
+    The tests folder goes before the caller's path (which may point at a checkout), so the
+    worker imports this file's neighbours and the package the tests run against.
+    """
+    worker = Path(__file__).with_name(name)
+    path = os.pathsep.join([str(worker.parent), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(out)],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=out,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
