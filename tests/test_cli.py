@@ -216,3 +216,11 @@ def test_errors_exit_nonzero_with_a_message(tmp_path, monkeypatch, capsys, args,
     assert "Traceback" not in err
     for w in words:
         assert w in err
+
+
+def test_the_old_bench_command_says_where_the_benchmark_went(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--image_size", "64"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert "python benchmarks/bench.py --image_size 64" in err and "\n" not in err.strip()

@@ -318,6 +318,12 @@ def main(args: ArgsType = None) -> None:
     if _no_adverts not in rank_zero_log.filters:
         rank_zero_log.addFilter(_no_adverts)
     try:
+        if argv and argv[0] == "bench":
+            raise ConfigError(
+                "The throughput benchmark is no longer a tlfinetune command: it lives beside the "
+                "package, in a checkout of the repository. Run `python benchmarks/bench.py "
+                f"{' '.join(argv[1:]) or '--help'}` from the repository's root."
+            )
         if argv and argv[0] in EXTRA_COMMANDS:
             import importlib
 
