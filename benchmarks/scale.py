@@ -5,7 +5,7 @@ minute or two here), then measures in this process:
 
 - the header scan: files/s on the first run and on a second run that finds the scan record;
 - time to the first training step of ``trainer.fit`` (indexing, scan, model, loaders);
-- with ``--epochs``: first-epoch and later (cached) epoch images/s, peak RSS, cache size.
+- with ``--epochs``: images/s of every epoch (later ones from the feature cache); peak RSS.
 
 Example::
 
@@ -23,6 +23,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
+from bench_measure import EpochTimer
 from jsonargparse import CLI
 from PIL import Image
 
@@ -55,20 +57,14 @@ def generate(root: Path, n: int, side: int) -> float:
 
 
 class FirstStep(pl.Callback):
-    """Seconds from ``start`` to the first training step, and per-epoch times."""
+    """Seconds from ``start`` to the first training step."""
 
     def __init__(self, start: float) -> None:
-        self.start, self.first_step, self.epochs = start, None, []
+        self.start, self.seconds = start, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
-        if self.first_step is None:
-            self.first_step = time.perf_counter() - self.start
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: D102
-        self._t = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
-        self.epochs.append(time.perf_counter() - self._t)
+        if self.seconds is None:
+            self.seconds = time.perf_counter() - self.start
 
 
 def scale(
@@ -101,21 +97,19 @@ def scale(
         seconds = time.perf_counter() - t
         out[f"setup s ({run})"] = round(seconds, 2)
         out[f"files/s ({run})"] = round(images / seconds)
-    start = time.perf_counter()
-    timer = FirstStep(start)
+    first, epochs_timer = FirstStep(time.perf_counter()), EpochTimer(torch.device("cpu"))
     dm = ImageDataModule(root=root, image_size=image_size, augment=False, batch_size=32)
     (root / RECORD_NAME).unlink(missing_ok=True)  # the first run of a new folder scans all
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=max(epochs, 1), limit_train_batches=None if epochs else 1,
         limit_val_batches=None if epochs else 0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[FreezeSchedule(regime="frozen"), timer],
+        callbacks=[FreezeSchedule(regime="frozen"), first, epochs_timer],
     )  # fmt: skip
     trainer.fit(TransferClassifier(weights="none"), dm)
-    out["time to first step s"] = round(timer.first_step, 2)
+    out["time to first step s"] = round(first.seconds, 2)
     if epochs:
-        n = len(dm.train_dataset)
-        out["epoch img/s"] = [round(n / s, 1) for s in timer.epochs]
+        out["epoch img/s"] = [round(n / s, 1) for n, s in epochs_timer.epochs]
     out["peak RSS MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     for key, value in out.items():
         print(f"{key:>28}: {value}")

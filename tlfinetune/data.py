@@ -555,12 +555,11 @@ class ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches, in dataset order (from the feature cache as training's are)."""
+        return FeatureCache.dataloader(self.trainer, "val", self._val_images)
 
-        def images() -> DataLoader:
-            dataset = self._require("val_dataset", "validate")
-            return self._loader(dataset, self._each_once_sampler(dataset))
-
-        return FeatureCache.dataloader(self.trainer, "val", images)
+    def _val_images(self) -> DataLoader:
+        dataset = self._require("val_dataset", "validate")
+        return self._loader(dataset, self._each_once_sampler(dataset))
 
     def test_dataloader(self) -> DataLoader:
         """Test batches, in dataset order; a :class:`DataError` when there is no test split."""

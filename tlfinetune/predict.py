@@ -136,7 +136,7 @@ class PredictionWriter(BasePredictionWriter):
 def _lines(path: Path, presorted: bool) -> Iterator[tuple[int, str]]:
     """``(index, rest of the line)`` of a part file, in index order."""
     with open(path, newline="") as f:
-        lines = ((int(line.split(",", 1)[0]), line.split(",", 1)[1]) for line in f)
+        lines = ((int(index), rest) for index, _, rest in (line.partition(",") for line in f))
         if presorted:
             yield from lines
         else:  # a custom sampler that shuffles: this process's rows are sorted in memory

@@ -589,7 +589,7 @@ class EvaluationReport(pl.Callback):
         if trainer.world_size > 1:
             # The same collectives on every rank, also one that got no batch of a dataloader.
             names = resolve_class_names(pl_module)
-            for idx in range(_num_dataloaders(trainer, stage)):
+            for idx in range(len(_eval_loaders(trainer, stage))):
                 collector = self._collectors.get(idx) or _Collector(self.max_mistakes, len(names))
                 self._collectors[idx] = collector
                 _gather(trainer, collector)
@@ -638,9 +638,12 @@ def _gather(trainer: pl.Trainer, collector: _Collector) -> None:
     del collector.mistakes[collector.max_mistakes :]
 
 
-def _num_dataloaders(trainer: pl.Trainer, stage: str) -> int:
+def _eval_loaders(trainer: pl.Trainer, stage: str) -> list[Any]:
+    """The loaders of a ``validate``/``test`` run, as a list (one per dataloader_idx)."""
     loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
-    return len(loaders) if isinstance(loaders, (list, tuple)) else int(loaders is not None)
+    if loaders is None:
+        return []
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
 def _not_padding(trainer: pl.Trainer, dataloader_idx: int, seen: int, n: int) -> Tensor | None:
@@ -652,10 +655,7 @@ def _not_padding(trainer: pl.Trainer, dataloader_idx: int, seen: int, n: int) ->
     """
     if trainer is None or trainer.world_size < 2:
         return None
-    stage = trainer.state.fn
-    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
-    loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-    sampler = getattr(loader, "sampler", None)
+    sampler = getattr(_eval_loaders(trainer, trainer.state.fn)[dataloader_idx], "sampler", None)
     if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
         return None
     size = len(sampler.dataset)  # type: ignore[arg-type]

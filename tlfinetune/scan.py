@@ -158,9 +158,10 @@ class HeaderScan:
         record = self._record(files)
         if record is None:
             return self._probe(files)
-        stamps = [ScanRecord.stamp(p) for p in files]  # taken before the check: a file that
-        todo = [i for i, p in enumerate(files) if not record.unchanged(p, stamps[i])]  # changes
-        results: list[DataError | None] = [None] * len(files)  # during it is checked again
+        # Stamps taken before the check: a file that changes during it is checked again.
+        stamps = [ScanRecord.stamp(p) for p in files]
+        todo = [i for i, p in enumerate(files) if not record.unchanged(p, stamps[i])]
+        results: list[DataError | None] = [None] * len(files)
         for i, exc in zip(todo, self._probe([files[i] for i in todo]), strict=True):
             results[i] = exc
         if len(todo) < len(files):
