@@ -70,6 +70,12 @@ def test_fit_with_a_milestone_then_test_and_predict_under_ddp(tmp_path):
         "--freeze.milestones={1: block4}", f"--trainer.callbacks+={json.dumps(probe)}",
     )  # fmt: skip
     assert fit.stdout.count("Best val/acc") == 1  # the summary, printed once
+    for line in (
+        "the fastest that keeps accuracy",
+        "TransferClassifier: backbone",
+        "Epoch 1: unfreezing",
+    ):
+        assert fit.stderr.count(line) == 1, line  # log lines once, not once per process
     assert "run folder: runs/version_0" in fit.stdout
     run = tmp_path / "runs" / "version_0"
     written = files_under(tmp_path / "runs")

@@ -12,18 +12,28 @@ decode them, transforms resize them, sampling orders them; machine says how many
 
 import logging as _logging
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
 from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import ConfigError, DataError, TLFinetuneError, WeightsError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.machine import fastest_precision
 from tlfinetune.module import TransferClassifier
 
-# Like Lightning does for its own logger: show our INFO lines unless the application configured
-# logging itself.
+
+def _from_rank_zero(record: _logging.LogRecord) -> bool:
+    """Under DDP every process logs the same lines: print them once (errors from any process)."""
+    return record.levelno >= _logging.ERROR or getattr(rank_zero_only, "rank", 0) == 0
+
+
+# Like Lightning does for its own logger: show our INFO lines, once per run, unless the
+# application configured logging itself.
 _log = _logging.getLogger(__name__)
 _log.setLevel(_logging.INFO)
 if not _log.handlers and not _logging.root.handlers:
-    _log.addHandler(_logging.StreamHandler())
+    _handler = _logging.StreamHandler()
+    _handler.addFilter(_from_rank_zero)
+    _log.addHandler(_handler)
     _log.propagate = False
 
 __all__ = [
