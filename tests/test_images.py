@@ -1,5 +1,7 @@
 import io
+import os
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -10,12 +12,14 @@ from PIL import Image, ImageFile
 from tlfinetune.errors import DataError
 from tlfinetune.images import (
     IMAGE_EXTENSIONS,
+    PathList,
     is_image_file,
     list_images,
     load_rgb,
     probe_image,
     to_rgb,
 )
+from tlfinetune.sources import Split
 
 
 def pixel(img: Image.Image, xy: tuple[int, int] = (0, 0)) -> tuple[int, ...]:
@@ -257,3 +261,31 @@ def test_image_extension_rules():
     assert not is_image_file("x.txt") and not is_image_file(".DS_Store")
     assert not is_image_file("._x.jpg")
     assert {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".webp"} <= IMAGE_EXTENSIONS
+
+
+def test_path_list_behaves_as_a_sequence_of_paths(tmp_path):
+    odd = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name on a UTF-8 file system
+    names = [str(tmp_path / "a" / "x.jpg"), "rel/y.png", odd]
+    files = PathList(names)
+    assert len(files) == 3 and files[0] == tmp_path / "a" / "x.jpg" and files[-1] == Path(odd)
+    assert list(files) == [Path(n) for n in names] and files == [Path(n) for n in names]
+    assert files.take([2, 0]) == [Path(odd), Path(names[0])] and files[1:] == files.take([1, 2])
+    assert files != [Path(n) for n in names[:2]]
+    with pytest.raises(IndexError):
+        files[3]
+
+
+def test_a_split_keeps_each_path_in_its_bytes_not_as_python_objects():
+    """Per-image bookkeeping stays a few hundred bytes: 1M images must not cost a GB of RAM."""
+    n = 20_000
+    paths = [f"/data/photos/class{i % 10}/IMG_{i:07d}.jpg" for i in range(n)]  # 36 bytes each
+    tracemalloc.start()
+    try:
+        split = Split("folder /data/photos", [i % 10 for i in range(n)], paths)
+        train = split.subset(range(0, n, 2))
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Paths (~36 B), offsets (8 B) and labels (8 B) per image, twice (split and subset).
+    assert kept / n < 150, f"{kept / n:.0f} bytes per image"
+    assert train.files[3] == Path(paths[6]) and train.labels[3] == 6

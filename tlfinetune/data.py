@@ -44,7 +44,7 @@ from tlfinetune.cache import FeatureCache
 from tlfinetune.datasets import ArrayDataset, ImageFileDataset, IndexedDataset
 from tlfinetune.demo import ensure_demo_dataset
 from tlfinetune.errors import DataError
-from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, list_images
+from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, PathList, list_images
 from tlfinetune.machine import compute_threads, cpus, default_num_workers
 from tlfinetune.sampling import EpochShuffleSampler, ResumableDataLoader
 from tlfinetune.scan import HeaderScan
@@ -187,7 +187,7 @@ class ImageDataModule(pl.LightningDataModule):
         self._arrays: dict[str, Any] | None = None
         self._restored_class_names: list[str] | None = None
         self._predict_split: Split | None = None
-        self._predict_files: list[Path] | None = None
+        self._predict_files: PathList | None = None
 
     # ---------------------------------------------------------------- constructors
 
@@ -279,7 +279,7 @@ class ImageDataModule(pl.LightningDataModule):
         return self._scan.bad_images
 
     @property
-    def predict_files(self) -> list[Path]:
+    def predict_files(self) -> PathList:
         """The files that predict batch indices refer to (synthetic ``array/NNNNNN`` for arrays)."""
         if self._predict_files is None:
             self._build_predict()
@@ -408,7 +408,7 @@ class ImageDataModule(pl.LightningDataModule):
                 )
             (split,) = self._scan([Split(f"folder {folder}", [-1] * len(files), files)])
             self._predict_split = split
-            self._predict_files = list(split.files or [])
+            self._predict_files = split.files or PathList()
             return
         if not self._has_source():
             raise DataError(
@@ -420,9 +420,9 @@ class ImageDataModule(pl.LightningDataModule):
         (split,) = self._prepared_splits(role)
         self._predict_split = split
         if split.files is not None:
-            self._predict_files = list(split.files)
+            self._predict_files = split.files
         else:
-            self._predict_files = [Path(f"array/{i:06d}") for i in range(len(split))]
+            self._predict_files = PathList(f"array/{i:06d}" for i in range(len(split)))
 
     def prepare_data(self) -> None:
         """Generates the demo dataset when ``root`` is ``demo`` (once per machine)."""

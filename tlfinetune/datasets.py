@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from tlfinetune.errors import DataError
-from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
+from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, PathList, load_rgb
 
 __all__ = ["ArrayDataset", "ImageFileDataset", "IndexedDataset", "append_lines"]
 
@@ -68,7 +68,7 @@ class ImageFileDataset(Dataset):
     ) -> None:
         if len(files) != len(labels):
             raise ValueError("files and labels differ in length")
-        self.files = list(files)
+        self.files = files if isinstance(files, PathList) else PathList(files)
         self.labels = [int(x) for x in labels]
         self.transform = transform
         self.image_size = image_size

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tlfinetune.errors import DataError
-from tlfinetune.images import IMAGE_EXTENSIONS, is_hidden, is_image_file, list_images
+from tlfinetune.images import IMAGE_EXTENSIONS, PathList, is_hidden, is_image_file, list_images
 from tlfinetune.sampling import stratified_split
 
 __all__ = ["LIST_IN_MESSAGE", "Index", "Split", "index_csv", "index_folder", "split_off_val"]
@@ -37,10 +37,14 @@ class Split:
 
     origin: str  # human description for messages ("folder /x/train", "CSV /x/a.csv")
     labels: list[int]
-    files: list[Path] | None = None  # file sources
+    files: PathList | None = None  # file sources (any sequence of paths given is packed)
     rows: list[str] | None = None  # "CSV a.csv row 3 (line 4)" per file, for CSV sources
     images: torch.Tensor | None = None  # array sources: uint8 NCHW
     scanned: bool = False
+
+    def __post_init__(self) -> None:
+        if self.files is not None and not isinstance(self.files, PathList):
+            self.files = PathList(self.files)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -52,7 +56,7 @@ class Split:
             self,
             origin=origin or self.origin,
             labels=[self.labels[i] for i in pos],
-            files=None if self.files is None else [self.files[i] for i in pos],
+            files=None if self.files is None else self.files.take(pos),
             rows=None if self.rows is None else [self.rows[i] for i in pos],
             images=None if self.images is None else self.images[pos],
         )
@@ -79,7 +83,7 @@ def _loose_images(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_file() and is_image_file(p.name)]
 
 
-def _scan_class_folders(folder: Path, role: str) -> dict[str, list[Path]]:
+def _scan_class_folders(folder: Path, role: str) -> dict[str, PathList]:
     """Maps each class folder name under ``folder`` to its images (recursively, sorted)."""
     class_dirs = _visible_dirs(folder)
     if not class_dirs:
@@ -264,7 +268,7 @@ def index_folder(root: Path, val_split: float, seed: int, *, demo: bool = False)
                 )
         splits = {}
         for split, classes in per_split.items():
-            files = [f for name in class_names for f in classes.get(name, [])]
+            files = PathList(f for name in class_names for f in classes.get(name, []))
             labels = [i for i, name in enumerate(class_names) for _ in classes.get(name, [])]
             splits[split] = Split(f"folder {folders[split]}", labels, files)
         if "val" not in splits:
@@ -276,7 +280,7 @@ def index_folder(root: Path, val_split: float, seed: int, *, demo: bool = False)
     else:
         classes = _scan_class_folders(root, "data")
         class_names = sorted(classes)
-        files = [f for name in class_names for f in classes[name]]
+        files = PathList(f for name in class_names for f in classes[name])
         labels = [i for i, name in enumerate(class_names) for _ in classes[name]]
         whole = Split(f"folder {root}", labels, files)
         splits = split_off_val(whole, f"folder {root}", val_split, seed)
