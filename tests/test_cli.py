@@ -3,14 +3,17 @@
 import csv
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
 from tlfinetune.cli import main
+from tlfinetune.runs import RunCheckpoint
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 FAST = [
@@ -133,6 +136,20 @@ def test_every_config_parses(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["backbone"] == "vgg16"
     assert printed["freeze"]["regime"] in ("frozen", "partial")
+
+
+def test_readmes_time_based_checkpoint_flag_saves_every_thirty_minutes(tmp_path, monkeypatch):
+    """README: ``--checkpoint.train_time_interval 0:30:00`` reaches the checkpoint callback as
+    30 minutes (mid-epoch resume from a time-based checkpoint: test_resume_mid_epoch.py)."""
+    trainers = []
+    monkeypatch.setattr(
+        pl.Trainer, "fit", lambda trainer, *args, **kwargs: trainers.append(trainer)
+    )
+    run("fit", "--model.backbone=test_vgg16", "--model.weights=none", "--data.image_size=32",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--checkpoint.train_time_interval=0:30:00")  # fmt: skip
+    (saver,) = [c for c in trainers[0].callbacks if isinstance(c, RunCheckpoint)]
+    assert saver._train_time_interval == timedelta(minutes=30)
 
 
 def test_seed_configs_say_what_the_seed_says():

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -20,6 +21,10 @@ pytestmark = pytest.mark.slow
 N, BATCH = 40, 4  # 10 batches an epoch
 SAVE_EVERY = 3  # global steps 3, 6, ... : steps 12 and 15 fall inside epoch 1
 STOP_AT = 15  # stop right after the checkpoint of step 15: epoch 1, batches 0-4 trained
+SAVE = {  # --checkpoint.every_n_train_steps, or --checkpoint.train_time_interval (every step)
+    "steps": {"every_n_train_steps": SAVE_EVERY},
+    "time": {"train_time_interval": timedelta(microseconds=1)},
+}
 
 
 class Seen(pl.Callback):
@@ -57,7 +62,7 @@ def datamodule(workers):
     )  # fmt: skip
 
 
-def fit(folder, *extra, ckpt=None, workers=0):
+def fit(folder, *extra, ckpt=None, workers=0, trigger="steps"):
     pl.seed_everything(7)
     model = TransferClassifier(
         backbone="test_vgg16", weights="none", head_dropout=0.3, feature_cache=False
@@ -73,7 +78,7 @@ def fit(folder, *extra, ckpt=None, workers=0):
         enable_model_summary=False,
         callbacks=[
             FreezeSchedule(regime="partial", unfreeze_from="block5"),
-            RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=SAVE_EVERY),
+            RunCheckpoint(dirpath=folder, save_last=True, **SAVE[trigger]),
             seen,
             *extra,
         ],
@@ -83,12 +88,12 @@ def fit(folder, *extra, ckpt=None, workers=0):
     return model, seen.batches
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_run_stopped_mid_epoch_resumes_where_it_stood(tmp_path, workers):
+@pytest.mark.parametrize(("workers", "trigger"), [(0, "time"), (2, "steps")])
+def test_a_run_stopped_mid_epoch_resumes_where_it_stood(tmp_path, workers, trigger):
     whole, whole_seen = fit(tmp_path / "whole", workers=workers)
     before = []
     with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C: shut down, exit 1
-        fit(tmp_path / "stopped", Stop(), Record(before), workers=workers)
+        fit(tmp_path / "stopped", Stop(), Record(before), workers=workers, trigger=trigger)
     assert torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)["global_step"] == 15
     resumed, after = fit(
         tmp_path / "stopped", ckpt=tmp_path / "stopped" / "last.ckpt", workers=workers
