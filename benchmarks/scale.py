@@ -4,20 +4,28 @@ Generates N JPEGs of mixed sizes into class folders (a process pool: 100,000 at 
 minute or two here), then measures in this process:
 
 - the header scan: files/s on the first run and on a second run that finds the scan record;
+- the datamodule's bookkeeping per image (file list, labels, scan results: ``tracemalloc``);
 - time to the first training step of ``trainer.fit`` (indexing, scan, model, loaders);
-- with ``--epochs``: images/s of every epoch (later ones from the feature cache); peak RSS.
+- with ``--epochs``: images/s of every epoch (later ones from the feature cache), the cache's
+  size and where it lives (``--cache_memory_mb`` below the cache's size puts it in a
+  memory-mapped file); peak RSS;
+- with ``--predict``: ``python -m tlfinetune predict`` over the whole folder from the trained
+  checkpoint, in a fresh process: images/s (process start included) and its own peak RSS.
 
 Example::
 
     python benchmarks/scale.py --images 100000 --image_size 64 --epochs 0
+    python benchmarks/scale.py --images 10000 --image_size 64 --epochs 3 --predict true
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import shutil
 import time
+import tracemalloc
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -26,9 +34,11 @@ import numpy as np
 import torch
 from bench_measure import EpochTimer
 from jsonargparse import CLI
+from memory import run as run_measured
 from PIL import Image
 
 from tlfinetune import FreezeSchedule, ImageDataModule, TransferClassifier
+from tlfinetune.cache import FeatureCache
 from tlfinetune.scan import RECORD_NAME
 
 CLASSES = 10
@@ -67,10 +77,39 @@ class FirstStep(pl.Callback):
             self.seconds = time.perf_counter() - self.start
 
 
+class CacheSize(pl.Callback):
+    """Size (MB) and dtype of the training features the cache holds after the first epoch."""
+
+    def __init__(self) -> None:
+        self.mb, self.dtype = None, None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
+        features = FeatureCache.find(trainer).features("train")
+        if self.mb is None and features is not None:
+            self.mb = round(features.numel() * features.element_size() / 2**20, 1)
+            self.dtype = str(features.dtype)
+
+
+def bookkeeping_bytes(root: Path, image_size: int) -> float:
+    """Bytes a set-up datamodule keeps per image (its scan record present: the second run)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        dm = ImageDataModule(root=root, image_size=image_size, augment=False)
+        dm.setup("fit")
+        gc.collect()
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return kept / (len(dm.train_dataset) + len(dm.val_dataset))
+
+
 def scale(
     images: int = 10_000,
     image_size: int = 64,
     epochs: int = 0,
+    cache_memory_mb: int = 2048,
+    predict: bool = False,
     folder: str = "/tmp/tlfinetune-scale",
     keep: bool = True,
 ) -> dict:
@@ -81,6 +120,9 @@ def scale(
         image_size: Typical side of the JPEGs and the training image size.
         epochs: Epochs of ``trainer.fit`` (frozen regime, VGG16, cache on); 0: up to the first
             training step only.
+        cache_memory_mb: The feature cache's memory budget; a cache larger than this goes to
+            a memory-mapped file.
+        predict: After the fit, time ``python -m tlfinetune predict`` over the folder.
         folder: Where the images go (reused when it holds ``images`` files already).
         keep: Keep the folder afterwards.
     """
@@ -97,20 +139,36 @@ def scale(
         seconds = time.perf_counter() - t
         out[f"setup s ({run})"] = round(seconds, 2)
         out[f"files/s ({run})"] = round(images / seconds)
+    out["bookkeeping B/image"] = round(bookkeeping_bytes(root, image_size))
     first, epochs_timer = FirstStep(time.perf_counter()), EpochTimer(torch.device("cpu"))
+    cache_size = CacheSize()
     dm = ImageDataModule(root=root, image_size=image_size, augment=False, batch_size=32)
     (root / RECORD_NAME).unlink(missing_ok=True)  # the first run of a new folder scans all
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=max(epochs, 1), limit_train_batches=None if epochs else 1,
         limit_val_batches=None if epochs else 0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[FreezeSchedule(regime="frozen"), first, epochs_timer],
+        callbacks=[FreezeSchedule(regime="frozen"), FeatureCache(memory_mb=cache_memory_mb),
+                   first, epochs_timer, cache_size],
     )  # fmt: skip
     trainer.fit(TransferClassifier(weights="none"), dm)
     out["time to first step s"] = round(first.seconds, 2)
     if epochs:
         out["epoch img/s"] = [round(n / s, 1) for n, s in epochs_timer.epochs]
+        where = "file" if (cache_size.mb or 0) > cache_memory_mb else "memory"
+        out["cache MB"] = f"{cache_size.mb} ({cache_size.dtype}, in {where})"
     out["peak RSS MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if predict:
+        ckpt = Path(folder) / f"scale-{image_size}px.ckpt"
+        trainer.save_checkpoint(ckpt)
+        measured = run_measured(
+            ["predict", f"--ckpt_path={ckpt}", f"--data.predict_dir={root}",
+             "--data.batch_size=64", "--trainer.enable_progress_bar=false",
+             f"--trainer.default_root_dir={Path(folder) / 'predict'}"],
+            pythonpath=None,
+        )  # fmt: skip
+        out["predict img/s"] = round(images / measured["seconds"], 1)
+        out["predict peak RSS MB"] = round(measured["peak_mb"])
     for key, value in out.items():
         print(f"{key:>28}: {value}")
     if not keep:
