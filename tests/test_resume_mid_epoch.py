@@ -88,9 +88,15 @@ def fit(folder, *extra, ckpt=None, workers=0, trigger="steps"):
     return model, seen.batches
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run without a stop (loader workers do not change what it sees or computes)."""
+    return fit(tmp_path_factory.mktemp("whole"))
+
+
 @pytest.mark.parametrize(("workers", "trigger"), [(0, "time"), (2, "steps")])
-def test_a_run_stopped_mid_epoch_resumes_where_it_stood(tmp_path, workers, trigger):
-    whole, whole_seen = fit(tmp_path / "whole", workers=workers)
+def test_a_run_stopped_mid_epoch_resumes_where_it_stood(tmp_path, uninterrupted, workers, trigger):
+    whole, whole_seen = uninterrupted
     before = []
     with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C: shut down, exit 1
         fit(tmp_path / "stopped", Stop(), Record(before), workers=workers, trigger=trigger)
