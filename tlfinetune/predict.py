@@ -1,5 +1,8 @@
 """PredictionWriter: one CSV row per image with the predicted class and the top-k classes.
 
+With ``explain`` it also writes, per image, the image with the Grad-CAM heat map of its
+predicted class over it (:mod:`tlfinetune.saliency`).
+
 Rows are streamed: each process formats the rows of a batch as soon as the batch is predicted
 and appends them to its own part file beside the output; at the end rank 0 merges the parts in
 image order into the CSV. Nothing per image stays in memory, so a million images cost what a
@@ -12,6 +15,8 @@ import csv
 import heapq
 import io
 import logging
+import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,6 +24,9 @@ from typing import Any, TextIO
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+
+from tlfinetune.saliency import cam_layer, grad_cam, overlay
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +40,19 @@ class PredictionWriter(BasePredictionWriter):
     Args:
         output: the CSV file; ``predictions.csv`` under ``trainer.default_root_dir`` by default.
         top_k: how many of the most probable classes to list per image.
+        explain: folder for one PNG per image: the image with the Grad-CAM heat map of its
+            predicted class blended over it, named after the image (``cats/img1.jpg`` ->
+            ``DIR/cats/img1.png``, subfolders kept). Costs about one backward pass per batch.
     """
 
-    def __init__(self, output: str | None = None, top_k: int = 5) -> None:
+    def __init__(
+        self, output: str | None = None, top_k: int = 5, explain: str | None = None
+    ) -> None:
         super().__init__(write_interval="batch")
         self.output = output
         self.top_k = top_k
+        self.explain = explain
+        self._overlay_names: dict[int, Path] = {}
         self._part: TextIO | None = None
         self._part_path: Path | None = None
         self._last_index = -1
@@ -63,6 +78,9 @@ class PredictionWriter(BasePredictionWriter):
             str(i) for i in range(pl_module.hparams.num_classes)
         ]
         self._files = getattr(trainer.datamodule, "predict_files", None) or []
+        if self.explain:
+            cam_layer(pl_module)  # a backbone without a feature map fails before any batch
+            self._overlay_names = overlay_names(self._files)
 
     def write_on_batch_end(  # noqa: D102
         self,
@@ -80,6 +98,8 @@ class PredictionWriter(BasePredictionWriter):
         index = batch[1] if isinstance(batch, (tuple, list)) else None
         ids = index.tolist() if torch.is_tensor(index) else list(batch_indices or [])
         self._part.write(self.format_rows(ids, prediction))
+        if self.explain and isinstance(batch, (tuple, list)):
+            self.write_overlays(pl_module, batch[0], prediction.argmax(dim=1), ids)
         if ids:
             self._sorted = self._sorted and ids == sorted(ids) and ids[0] > self._last_index
             self._last_index = max(self._last_index, *ids)
@@ -100,6 +120,23 @@ class PredictionWriter(BasePredictionWriter):
                 row += [names[cls], f"{value:.6f}"]
             writer.writerow(row)
         return buffer.getvalue()
+
+    def write_overlays(
+        self,
+        pl_module: pl.LightningModule,
+        images: torch.Tensor,
+        pred: torch.Tensor,
+        ids: list[int],
+    ) -> None:
+        """Write the Grad-CAM overlay of each image's predicted class into ``explain``."""
+        assert self.explain is not None
+        heat = grad_cam(pl_module, images, pred)
+        root = Path(self.explain)
+        for image, h, index in zip(images.cpu(), heat, ids, strict=True):
+            path = root / self._overlay_names.get(index, Path(f"{index:06d}.png"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pixels = overlay(image.to(torch.uint8), h).permute(1, 2, 0).numpy()
+            Image.fromarray(pixels).save(path)
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Close the part files; rank 0 merges them into the CSV once every process is done."""
@@ -166,3 +203,22 @@ def merge_parts(parts: list[Path], path: Path, header: list[str], presorted: boo
         for p in parts:
             p.unlink(missing_ok=True)
     return count
+
+
+def overlay_names(files: list[Any]) -> dict[int, Path]:
+    """``{index: relative PNG path}`` for the overlays of ``files``, unique, after the images.
+
+    Paths are relative to the folder all files share, the suffix becomes ``.png``; two images
+    that would then collide (``a.jpg`` and ``a.png``) keep their suffix (``a.jpg.png``).
+    """
+    paths = [Path(f) for f in files]
+    if not paths:
+        return {}
+    common = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    relative = [p.relative_to(common) for p in paths]
+    names = [r.with_suffix(".png") for r in relative]
+    taken = Counter(names)
+    return {
+        i: (r.with_name(r.name + ".png") if taken[n] > 1 else n)
+        for i, (r, n) in enumerate(zip(relative, names, strict=True))
+    }

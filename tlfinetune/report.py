@@ -37,6 +37,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from tlfinetune.backbone import block_of
 from tlfinetune.errors import ConfigError, DataError
 from tlfinetune.freeze import FreezeSchedule, count_parameters
+from tlfinetune.saliency import grad_cam, overlay
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Mistake:
     label: int
     pred: int
     confidence: float
+    heat: Tensor | None = None  # (H, W) in [0, 1]: Grad-CAM of the predicted class
 
 
 @dataclass
@@ -189,6 +191,7 @@ def evaluate(
     class_names: Sequence[str] | None = None,
     *,
     max_mistakes: int = 16,
+    heat_maps: bool = True,
 ) -> EvalResult:
     """Run ``model`` in eval mode without gradients over batches ``(images, labels)``.
 
@@ -198,6 +201,8 @@ def evaluate(
         dataloader: yields ``(images, labels, ...)`` batches.
         class_names: names in label order; by default the model's ``hparams.class_names``.
         max_mistakes: how many of the most confidently wrong images to keep for the grid.
+        heat_maps: add the Grad-CAM map of the predicted class to each mistake
+            (:func:`add_heat_maps`).
 
     Returns:
         The confusion matrix, top-5 hits, class names and the most confident mistakes.
@@ -216,7 +221,40 @@ def evaluate(
                 collector.update(torch.softmax(logits.float(), dim=1), labels, images)
     finally:
         model.train(was_training)
-    return collector.result(names)
+    result = collector.result(names)
+    if heat_maps:
+        add_heat_maps(model, result.mistakes)
+    return result
+
+
+def add_heat_maps(model: nn.Module, mistakes: Sequence[Mistake]) -> None:
+    """Set each mistake's ``heat`` to the Grad-CAM map of the class the model wrongly predicted.
+
+    Shows where the model saw its wrong answer; ``mistakes.png`` overlays it. Left out, with a
+    warning, when the model's backbone has no convolutional map or captum is not installed; a
+    model that is not a :class:`~tlfinetune.module.TransferClassifier` gets none.
+    """
+    if not mistakes or not all(hasattr(model, a) for a in ("backbone", "head", "normalize")):
+        return
+    try:
+        if len({m.image.shape for m in mistakes}) == 1:
+            images = torch.stack([m.image for m in mistakes])
+            heat = grad_cam(model, images, torch.tensor([m.pred for m in mistakes]))
+        else:  # images of several sizes: one at a time
+            heat = [grad_cam(model, m.image[None], torch.tensor([m.pred]))[0] for m in mistakes]
+        for m, h in zip(mistakes, heat, strict=True):
+            m.heat = h
+    except ConfigError as exc:
+        _warn_once(f"mistakes.png has no heat maps: {exc}")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 # --- numbers -----------------------------------------------------------------------------------
@@ -345,9 +383,12 @@ def plot_mistakes(result: EvalResult) -> Figure:
     fig = Figure(figsize=(2.6 * cols, 2.9 * rows), layout="constrained")
     fig.suptitle("Most confident mistakes")
     names = [_short(n) for n in result.class_names]
+    if any(m.heat is not None for m in mistakes):
+        fig.suptitle("Most confident mistakes (heat: where the model saw its prediction)")
     for i, m in enumerate(mistakes):
         ax = fig.add_subplot(rows, cols, i + 1)
-        image = m.image.permute(1, 2, 0).numpy()
+        shown = m.image if m.heat is None else overlay(m.image, m.heat)
+        image = shown.permute(1, 2, 0).numpy()
         ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray")
         ax.set_title(
             f"true: {names[m.label]}\npred: {names[m.pred]} ({m.confidence:.2f})", fontsize=9
@@ -502,17 +543,24 @@ class EvaluationReport(pl.Callback):
         dirpath: folder for the report files.
         max_mistakes: images in ``mistakes.png``.
         verbose: print the per-class table.
+        heat_maps: overlay the Grad-CAM map of the predicted class on each mistake
+            (:func:`add_heat_maps`).
 
     Attributes:
         metrics: ``{dataloader_idx: metrics}`` of the last report, on rank 0.
     """
 
     def __init__(
-        self, dirpath: str | None = None, max_mistakes: int = 16, verbose: bool = True
+        self,
+        dirpath: str | None = None,
+        max_mistakes: int = 16,
+        verbose: bool = True,
+        heat_maps: bool = True,
     ) -> None:
         self.dirpath = dirpath
         self.max_mistakes = max_mistakes
         self.verbose = verbose
+        self.heat_maps = heat_maps
         self.metrics: dict[int, dict[str, Any]] = {}
         self._collectors: dict[int, _Collector] = {}
         self._caught: list[Tensor] = []
@@ -603,7 +651,10 @@ class EvaluationReport(pl.Callback):
         for idx, collector in sorted(self._collectors.items()):
             out = root / f"dataloader_{idx}" if many else root
             extra = {"stage": stage, "dataloader_idx": idx}
-            self.metrics[idx] = write_report(collector.result(names), out, extra)
+            result = collector.result(names)
+            if self.heat_maps:
+                add_heat_maps(pl_module, result.mistakes)
+            self.metrics[idx] = write_report(result, out, extra)
             if self.verbose:
                 print(f"\n{stage} report ({out}):\n{format_report(self.metrics[idx])}")
         self._collectors = {}
