@@ -117,7 +117,8 @@ def test_vgg_maps_come_from_the_last_conv_stage_and_ignore_the_freeze():
     for p in model.backbone.parameters():  # the frozen regime: forward skips its graph
         p.requires_grad_(False)
     model.train()
-    frozen = grad_cam(model, x, target)
+    with torch.inference_mode():  # as in Lightning's evaluation and prediction loops
+        frozen = grad_cam(model, x, target.clone())
     assert frozen.shape == (4, 64, 64) and frozen.amax((1, 2)).eq(1).all()  # not empty
     torch.testing.assert_close(frozen, trainable)
     assert model.training and model.head.training

@@ -153,7 +153,7 @@ def grad_cam(model: nn.Module, images: Tensor, target: Tensor | None = None) -> 
         if target is None:
             with torch.no_grad():
                 target = score(x).argmax(dim=1)
-        target = target.to(param.device).long()
+        target = target.detach().to(param.device).long().clone()  # not an inference tensor
         cam = LayerGradCam(score, layer).attribute(x, target=target, relu_attributions=True)
         cam = LayerAttribution.interpolate(cam.float(), (height, width), "bilinear")
     cam = cam.detach().squeeze(1).clamp_min(0).cpu()  # bilinear keeps it >= 0; rounding
