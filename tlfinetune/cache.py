@@ -29,9 +29,9 @@ Lightning's public way to provide loaders, and the datamodule is what knows its 
 deterministic, so nothing replaces its methods from outside. The one Trainer setting the cache
 changes, ``reload_dataloaders_every_n_epochs = 1`` (put back at the end), is Lightning's public
 way to be asked for loaders every epoch. The cache stays off whenever it could change results or not
-pay off: augmentation on, ``limit_train_batches``, a user's ``reload_dataloaders_every_n_epochs``,
-or features larger than the images. It is keyed by the frozen weights, image size, transforms,
-data and precision: any change rebuilds it.
+pay off: augmentation or Mixup/CutMix on, ``limit_train_batches``, a user's
+``reload_dataloaders_every_n_epochs``, or features larger than the images. It is keyed by the
+frozen weights, image size, transforms, data and precision: any change rebuilds it.
 """
 
 from __future__ import annotations
@@ -216,6 +216,8 @@ class FeatureCache(pl.Callback):
             return "the model does not take cached features (feature_cache: false)"
         if dm is None:
             return "no datamodule"
+        if getattr(dm, "mix", "none") != "none":
+            return f"training batches are mixed (data.mix: {dm.mix})"
         if getattr(dm, "augment", True) or getattr(dm, "trivial_augment", False):
             return "training images are augmented (set data.augment: false to cache)"
         if trainer.limit_train_batches != 1.0 or trainer.limit_val_batches not in (0, 1.0):

@@ -183,8 +183,7 @@ class TLFinetuneCLI(LightningCLI):
         if trainer_config.get("precision") is None:
             kwargs["precision"] = self._fastest_precision(trainer_config.get("accelerator"))
         if self.subcommand == "fit":
-            if trainer_config.logger in (None, True):
-                kwargs["logger"] = RunLogger(root, name="", version=self._resume_version)
+            kwargs["logger"] = self._run_loggers(root, trainer_config.logger)
             self._extra_callbacks = [LearningCurves()]  # learning_curves.png in the run folder
         else:
             # metrics.json, confusion_matrix.png and mistakes.png under default_root_dir
@@ -193,6 +192,21 @@ class TLFinetuneCLI(LightningCLI):
             kwargs["enable_checkpointing"] = False
             self.save_config_callback = None  # validate/test/predict write no config.yaml
         return super().instantiate_trainer(**kwargs)
+
+    def _run_loggers(self, root: str, logger: Any) -> Any:
+        """The run folder's logger first, then the user's trackers (TensorBoard, MLflow, W&B).
+
+        Lightning puts checkpoints, ``config.yaml`` and ``learning_curves.png`` in the first
+        logger's folder, so keeping tlfinetune's own first keeps ``version_N/`` (and
+        ``--ckpt_path last``) whichever trackers log beside it. ``--trainer.logger false``:
+        no logger and no run folder, as in Lightning.
+        """
+        if logger is False:
+            return False
+        run_logger = RunLogger(root, name="", version=self._resume_version)
+        if logger in (None, True):
+            return run_logger
+        return [run_logger, *(logger if isinstance(logger, (list, tuple)) else [logger])]
 
     @staticmethod
     def _fastest_precision(accelerator: Any) -> str | None:

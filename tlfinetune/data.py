@@ -46,6 +46,7 @@ from tlfinetune.demo import ensure_demo_dataset
 from tlfinetune.errors import DataError
 from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, PathList, list_images
 from tlfinetune.machine import compute_threads, cpus, default_num_workers
+from tlfinetune.mixing import BatchMix, MixMode
 from tlfinetune.sampling import EpochShuffleSampler, ResumableDataLoader
 from tlfinetune.scan import HeaderScan
 from tlfinetune.sources import Index, Split, index_csv, index_folder
@@ -106,6 +107,11 @@ class ImageDataModule(pl.LightningDataModule):
             ``bad_images.txt`` in the trainer's log folder (working folder without a trainer).
         max_image_pixels: Largest accepted ``width * height`` of an image, a guard against
             decompression bombs (default Pillow's limit); ``null`` disables it.
+        mix: Blend training batches (:mod:`tlfinetune.mixing`): ``mixup``, ``cutmix``, or
+            ``mixup_cutmix`` (one of the two per batch); labels become soft. Turns the feature
+            cache off (the images change every epoch).
+        mixup_alpha: Beta parameter of Mixup's blend weight.
+        cutmix_alpha: Beta parameter of CutMix's box area.
     """
 
     def __init__(
@@ -125,6 +131,9 @@ class ImageDataModule(pl.LightningDataModule):
         skip_bad_images: bool = False,
         bad_images_log: str | Path | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        mix: MixMode = "none",
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -156,6 +165,9 @@ class ImageDataModule(pl.LightningDataModule):
                 f"data.max_image_pixels must be a positive pixel count or null, got "
                 f"{max_image_pixels}."
             )
+        for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+            if not alpha > 0:
+                raise DataError(f"data.{name} must be a positive number, got {alpha}.")
         if trivial_augment and not augment:
             log.warning("trivial_augment is ignored because augment is false.")
         self.root = root
@@ -174,6 +186,10 @@ class ImageDataModule(pl.LightningDataModule):
         self.skip_bad_images = skip_bad_images
         self.bad_images_log = bad_images_log
         self.max_image_pixels = max_image_pixels
+        self.mix = mix
+        self.mixup_alpha = float(mixup_alpha)
+        self.cutmix_alpha = float(cutmix_alpha)
+        self._batch_mix: BatchMix | None = None
 
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -552,6 +568,20 @@ class ImageDataModule(pl.LightningDataModule):
         """(epoch, batches of it that trained): where a mid-epoch checkpoint resumes."""
         batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return self._current_epoch(), int(batches)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches mixed by ``mix`` (on the device), seeded by (seed, epoch, batch)."""
+        trainer = self.trainer
+        if self.mix == "none" or trainer is None or not trainer.training:
+            return batch
+        if self._batch_mix is None:
+            self._batch_mix = BatchMix(
+                self.mix, self.num_classes, self.mixup_alpha, self.cutmix_alpha, self.seed
+            )
+        # The index of this batch in its epoch: Lightning counts it ready right after this hook.
+        batch_idx = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        images, labels = self._batch_mix(batch[0], batch[1], trainer.current_epoch, batch_idx)
+        return [images, labels, *batch[2:]]
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches, in dataset order (from the feature cache as training's are)."""

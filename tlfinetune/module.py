@@ -245,8 +245,9 @@ class TransferClassifier(pl.LightningModule):
         else:  # (images, labels), or an ImageBatch that also carries positions for the cache
             x, y = batch[0], batch[1]
             logits = self(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.label_smoothing)
-        metrics.update(logits.detach().float(), y)
+        loss = self.loss(logits, y)
+        # Soft (mixed) labels: accuracy against the class with the larger share of the blend.
+        metrics.update(logits.detach().float(), y.argmax(dim=1) if y.ndim == 2 else y)
         n = len(y)
         self.log(
             f"{stage}/loss",
@@ -261,6 +262,14 @@ class TransferClassifier(pl.LightningModule):
             metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=n
         )
         return loss
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against class indices ``(N,)`` or class probabilities ``(N, C)``.
+
+        Probabilities are the soft labels of Mixup/CutMix batches (``data.mix``).
+        """
+        smoothing = self.hparams.label_smoothing
+        return F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
         loss = self._shared_step(batch, self.train_metrics, "train")
