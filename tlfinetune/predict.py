@@ -136,7 +136,10 @@ class PredictionWriter(BasePredictionWriter):
             path = root / self._overlay_names.get(index, Path(f"{index:06d}.png"))
             path.parent.mkdir(parents=True, exist_ok=True)
             pixels = overlay(image.to(torch.uint8), h).permute(1, 2, 0).numpy()
-            Image.fromarray(pixels).save(path)
+            # Under DDP a padding repeat is the same image on two processes: write, then rename.
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            Image.fromarray(pixels).save(tmp, format="PNG")
+            os.replace(tmp, path)
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Close the part files; rank 0 merges them into the CSV once every process is done."""
