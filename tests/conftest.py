@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # The benchmark harness lives beside the package (benchmarks/bench.py), run as a script there;
@@ -55,3 +56,13 @@ def data_log(caplog):
     yield caplog
     if attach:
         logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture
+def one_thread():
+    """One compute thread: tiny convolutions gain nothing from a second, and lose about 10x
+    when the machine's cores are busy with other processes (measured on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

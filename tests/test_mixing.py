@@ -5,10 +5,14 @@ import pytest
 import torch
 from tiny import tiny_tensors, trainer
 
-from tlfinetune import ImageDataModule, TransferClassifier
+from tlfinetune import FreezeSchedule, ImageDataModule, TransferClassifier
 from tlfinetune.cache import FeatureCache
 from tlfinetune.errors import DataError
 from tlfinetune.mixing import BatchMix
+from tlfinetune.runs import AtomicCheckpointIO, RunCheckpoint
+
+# Tiny models: a second thread only adds overhead (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("mode", ["mixup", "cutmix", "mixup_cutmix"])
@@ -81,3 +85,42 @@ def test_a_fit_trains_on_mixed_batches_with_the_cache_off(tmp_path, data_log):
         expected = mix(plain, hard, epoch, batch_idx)
         assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
         torch.testing.assert_close(y.sum(dim=1), torch.ones(4))
+
+
+class StopAt(pl.Callback):
+    """Ctrl-C right after the checkpoint of global step ``step``, before the next batch trains."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def mixed_fit(folder, *callbacks, ckpt=None):
+    pl.seed_everything(7)
+    images, labels = tiny_tensors(20, 32)
+    dm = ImageDataModule.from_arrays(
+        images[:16].permute(0, 2, 3, 1), labels[:16], images[16:].permute(0, 2, 3, 1), labels[16:],
+        image_size=32, batch_size=4, num_workers=0, augment=False, mix="mixup_cutmix", seed=3,
+    )  # fmt: skip
+    model = TransferClassifier(backbone="test_vgg16", weights="none", head_dropout=0.3)
+    t = trainer(
+        max_epochs=2, default_root_dir=folder, deterministic=True, enable_checkpointing=True,
+        callbacks=[RunCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=6),
+                   FreezeSchedule(regime="full"), *callbacks],
+        plugins=[AtomicCheckpointIO()],
+    )  # fmt: skip
+    t.fit(model, dm, ckpt_path=ckpt)
+    return model
+
+
+@pytest.mark.slow
+def test_a_mixed_run_resumed_mid_epoch_ends_as_an_uninterrupted_one(tmp_path):
+    whole = mixed_fit(tmp_path / "whole")
+    with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C
+        mixed_fit(tmp_path / "stopped", StopAt(6))  # epoch 1, after 2 of its 4 batches
+    resumed = mixed_fit(tmp_path / "stopped", ckpt=tmp_path / "stopped" / "last.ckpt")
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)

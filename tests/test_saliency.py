@@ -18,6 +18,9 @@ from tlfinetune.predict import overlay_names
 from tlfinetune.report import evaluate, plot_mistakes
 from tlfinetune.saliency import cam_layer, grad_cam, overlay
 
+# Tiny models: a second thread only adds overhead (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RED, BLUE, GREEN = (230, 20, 20), (20, 20, 230), (20, 230, 20)
 
 
@@ -65,15 +68,6 @@ def small_cnn_classifier(size: int = 32) -> TransferClassifier:
 def top_left_mass(cam: torch.Tensor) -> torch.Tensor:
     half = cam.shape[-1] // 2
     return cam[:, :half, :half].sum((1, 2)) / cam.sum((1, 2)).clamp_min(1e-12)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from a second thread, and on a busy machine lose 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_map_lies_in_the_quadrant_the_class_depends_on():
