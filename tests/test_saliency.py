@@ -1,6 +1,7 @@
 """Grad-CAM: the map lies where the evidence is, on frozen models too, and leaves them untouched."""
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,14 @@ def test_overlay_files_are_named_after_the_images():
         2: Path("dogs/b.png"),
         3: Path("c.png"),
     }
+
+
+def test_without_captum_reports_still_work_and_say_why_there_is_no_map(monkeypatch, data_log):
+    monkeypatch.setitem(sys.modules, "captum.attr", None)  # as if captum were not installed
+    x, y = tiny_tensors(12, 32)
+    model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)
+    result = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=4), max_mistakes=2)
+    assert result.mistakes and all(m.heat is None for m in result.mistakes)
+    assert "pip install 'tlfinetune[saliency]'" in data_log.text
+    with pytest.raises(ConfigError, match=r"need the captum package"):
+        grad_cam(model, x[:1])
