@@ -11,7 +11,7 @@ from tlfinetune.cli import main
 
 
 @pytest.mark.slow
-def test_tensorboard_mix_and_explain_from_the_command_line(tmp_path, data_log):
+def test_tensorboard_mix_and_explain_from_the_command_line(tmp_path, data_log, one_thread):
     data, out, tb = make_folder(tmp_path / "data"), tmp_path / "runs", tmp_path / "tb"
     main(
         fit_args(
