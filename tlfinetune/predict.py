@@ -42,7 +42,7 @@ class PredictionWriter(BasePredictionWriter):
         top_k: how many of the most probable classes to list per image.
         explain: folder for one PNG per image: the image with the Grad-CAM heat map of its
             predicted class blended over it, named after the image (``cats/img1.jpg`` ->
-            ``DIR/cats/img1.png``, subfolders kept). Costs about one backward pass per batch.
+            ``DIR/cats/img1.png``, subfolders kept). Costs about two forward passes per batch.
     """
 
     def __init__(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,8 +57,17 @@ def cam_layer(model: nn.Module) -> nn.Module:
         )
     index = _table_cam_layer(name)
     if index is None:
-        index = _find_cam_layer(backbone, _image_size(model), name)
+        key = (_image_size(model), name)
+        found = _found.get(backbone)
+        if found is None or found[0] != key:  # one dry run per backbone, not one per batch
+            found = _found[backbone] = (key, _find_cam_layer(backbone, key[0], name))
+        index = found[1]
     return backbone[index]
+
+
+_found: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, str], int]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _table_cam_layer(name: str) -> int | None:
