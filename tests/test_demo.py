@@ -12,11 +12,11 @@ from PIL import Image
 from tlfinetune.data import ImageDataModule
 from tlfinetune.demo import (
     DEMO_CLASSES,
-    demo_cache_root,
     ensure_demo_dataset,
     render_demo_image,
 )
 from tlfinetune.errors import DataError
+from tlfinetune.machine import cache_root
 
 SMALL = {"train_per_class": 3, "val_per_class": 1, "test_per_class": 2}
 
@@ -36,10 +36,10 @@ def as_arrays(dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_cache_root_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("TLFINETUNE_CACHE", str(tmp_path / "c"))
-    assert demo_cache_root() == tmp_path / "c"
+    assert cache_root() == tmp_path / "c"
     monkeypatch.delenv("TLFINETUNE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert demo_cache_root() == tmp_path / "xdg" / "tlfinetune"
+    assert cache_root() == tmp_path / "xdg" / "tlfinetune"
 
 
 def test_default_demo_has_documented_layout_and_is_fast(tmp_path):

@@ -9,6 +9,7 @@ from PIL import Image
 
 from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import DataError
+from tlfinetune.machine import cache_root
 
 
 def test_corrupt_and_truncated_images_are_named_before_training(tmp_path):
@@ -176,7 +177,7 @@ def test_read_only_data_keeps_its_record_in_the_cache_folder(tmp_path, probes, m
     monkeypatch.setattr(scan.os, "access", lambda path, mode: False)  # root ignores chmod
     fit_setup(data)
     assert not (data / ".tlfinetune-scan.tsv").exists()
-    assert len(list((scan.demo_cache_root() / "scans").glob("*.tsv"))) == 1
+    assert len(list((cache_root() / "scans").glob("*.tsv"))) == 1
     probes.clear()
     fit_setup(data)
     assert probes == []

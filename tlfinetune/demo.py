@@ -26,11 +26,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tlfinetune.errors import DataError
+from tlfinetune.machine import cache_root
 
 __all__ = [
     "DEMO_CLASSES",
     "DEMO_VERSION",
-    "demo_cache_root",
     "demo_folder_name",
     "ensure_demo_dataset",
     "generate_demo_dataset",
@@ -60,20 +60,6 @@ class _Defaults:
 
 
 _DEFAULT = _Defaults()
-
-
-def demo_cache_root() -> Path:
-    """The folder under which the demo dataset is cached.
-
-    ``$TLFINETUNE_CACHE`` if set, else ``$XDG_CACHE_HOME/tlfinetune``, else
-    ``~/.cache/tlfinetune``.
-    """
-    env = os.environ.get("TLFINETUNE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "tlfinetune"
 
 
 def demo_folder_name(
@@ -278,7 +264,7 @@ def ensure_demo_dataset(
     half-written dataset: the loser of the race deletes its own copy and uses the winner's.
 
     Args:
-        cache_dir: Folder under which to cache; default :func:`demo_cache_root`.
+        cache_dir: Folder under which to cache; default :func:`tlfinetune.machine.cache_root`.
         train_per_class: Training images per class.
         val_per_class: Validation images per class.
         test_per_class: Test images per class.
@@ -300,7 +286,7 @@ def ensure_demo_dataset(
             raise DataError(f"The demo dataset needs {name} >= 1, got {value}.")
     if image_size < 16:
         raise DataError(f"The demo dataset needs image_size >= 16 pixels, got {image_size}.")
-    root = Path(cache_dir).expanduser() if cache_dir is not None else demo_cache_root()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     final = root / demo_folder_name(
         train_per_class, val_per_class, test_per_class, image_size, seed
     )

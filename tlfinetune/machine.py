@@ -13,6 +13,9 @@ reads a value back from the GPU at every optimizer step; older GPUs get 16-mixed
 Cores: DataLoader workers get the cores that training itself leaves free
 (:func:`default_num_workers`).
 
+Disk: tlfinetune's own cache folder (the demo dataset, scan records of read-only data) is
+:func:`cache_root`.
+
     >>> fastest_precision("cpu") in ("bf16-mixed", "32-true")
     True
 """
@@ -21,11 +24,13 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = [
+    "cache_root",
     "compute_threads",
     "cpus",
     "default_num_workers",
@@ -138,3 +143,17 @@ def default_num_workers(processes_per_node: int = 1, compute_threads: int = 1) -
     """
     per_process = cpus() // max(1, processes_per_node)
     return max(0, min(16, per_process - max(1, compute_threads)))
+
+
+def cache_root() -> Path:
+    """The folder under which tlfinetune caches (the demo dataset, scan records of read-only data).
+
+    ``$TLFINETUNE_CACHE`` if set, else ``$XDG_CACHE_HOME/tlfinetune``, else
+    ``~/.cache/tlfinetune``.
+    """
+    env = os.environ.get("TLFINETUNE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "tlfinetune"

@@ -21,9 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from tlfinetune.datasets import append_lines
-from tlfinetune.demo import demo_cache_root
 from tlfinetune.errors import DataError
 from tlfinetune.images import probe_image
+from tlfinetune.machine import cache_root
 from tlfinetune.sources import LIST_IN_MESSAGE, Split
 
 __all__ = ["HeaderScan", "ScanRecord"]
@@ -65,7 +65,7 @@ class ScanRecord:
         if os.access(self.folder, os.W_OK) and (not beside.exists() or os.access(beside, os.W_OK)):
             return beside
         digest = hashlib.sha1(str(self.folder.resolve()).encode()).hexdigest()[:16]
-        return demo_cache_root() / "scans" / f"{digest}.tsv"  # read-only data: keep it aside
+        return cache_root() / "scans" / f"{digest}.tsv"  # read-only data: keep it aside
 
     def _read(self) -> dict[str, tuple[int, int]]:
         try:
