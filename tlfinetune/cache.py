@@ -29,9 +29,10 @@ Lightning's public way to provide loaders, and the datamodule is what knows its 
 deterministic, so nothing replaces its methods from outside. The one Trainer setting the cache
 changes, ``reload_dataloaders_every_n_epochs = 1`` (put back at the end), is Lightning's public
 way to be asked for loaders every epoch. The cache stays off whenever it could change results or not
-pay off: augmentation or Mixup/CutMix on, ``limit_train_batches``, a user's
-``reload_dataloaders_every_n_epochs``, or features larger than the images. It is keyed by the
-frozen weights, image size, transforms, data and precision: any change rebuilds it.
+pay off: augmentation or Mixup/CutMix on, a balanced sampler (an epoch need not see every image),
+``limit_train_batches``, a user's ``reload_dataloaders_every_n_epochs``, or features larger than
+the images. It is keyed by the frozen weights, image size, transforms, data and precision: any
+change rebuilds it.
 """
 
 from __future__ import annotations
@@ -220,6 +221,10 @@ class FeatureCache(pl.Callback):
             return f"training batches are mixed (data.mix: {dm.mix})"
         if getattr(dm, "augment", True) or getattr(dm, "trivial_augment", False):
             return "training images are augmented (set data.augment: false to cache)"
+        if getattr(dm, "sampler", "random") != "random":
+            # Draws with replacement leave images out of an epoch: the first epoch of a phase
+            # would never see every image, so no cache could be completed from it.
+            return "data.sampler balanced does not show every image in an epoch"
         if trainer.limit_train_batches != 1.0 or trainer.limit_val_batches not in (0, 1.0):
             return "limit_train_batches / limit_val_batches are set"
         if trainer.reload_dataloaders_every_n_epochs:

@@ -32,7 +32,7 @@ how many loader workers this machine affords.
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -40,6 +40,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tlfinetune.arrays import index_arrays
+from tlfinetune.balance import count_labels, imbalance_warning, per_class_counts_table
 from tlfinetune.cache import FeatureCache
 from tlfinetune.datasets import ArrayDataset, ImageFileDataset, IndexedDataset
 from tlfinetune.demo import ensure_demo_dataset
@@ -47,7 +48,7 @@ from tlfinetune.errors import DataError
 from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, PathList, list_images
 from tlfinetune.machine import compute_threads, cpus, default_num_workers
 from tlfinetune.mixing import BatchMix, MixMode
-from tlfinetune.sampling import EpochShuffleSampler, ResumableDataLoader
+from tlfinetune.sampling import BalancedSampler, EpochShuffleSampler, ResumableDataLoader
 from tlfinetune.scan import HeaderScan
 from tlfinetune.sources import Index, Split, index_csv, index_folder
 from tlfinetune.transforms import eval_transform, train_transform
@@ -112,6 +113,10 @@ class ImageDataModule(pl.LightningDataModule):
             cache off (the images change every epoch).
         mixup_alpha: Beta parameter of Mixup's blend weight.
         cutmix_alpha: Beta parameter of CutMix's box area.
+        sampler: Order of the training images: ``random`` (each image once per epoch, shuffled
+            by ``(seed, epoch)``) or ``balanced`` (as many draws as images, with replacement,
+            every class equally likely: :class:`~tlfinetune.sampling.BalancedSampler`; for
+            imbalanced classes).
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class ImageDataModule(pl.LightningDataModule):
         mix: MixMode = "none",
         mixup_alpha: float = 0.8,
         cutmix_alpha: float = 1.0,
+        sampler: Literal["random", "balanced"] = "random",
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -168,6 +174,8 @@ class ImageDataModule(pl.LightningDataModule):
         for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
             if not alpha > 0:
                 raise DataError(f"data.{name} must be a positive number, got {alpha}.")
+        if sampler not in ("random", "balanced"):
+            raise DataError(f"data.sampler must be random or balanced, got {sampler!r}.")
         if trivial_augment and not augment:
             log.warning("trivial_augment is ignored because augment is false.")
         self.root = root
@@ -190,6 +198,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.mixup_alpha = float(mixup_alpha)
         self.cutmix_alpha = float(cutmix_alpha)
         self._batch_mix: BatchMix | None = None
+        self.sampler = sampler
 
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -285,6 +294,12 @@ class ImageDataModule(pl.LightningDataModule):
         return {name: i for i, name in enumerate(self.class_names)}
 
     @property
+    def class_counts(self) -> list[int]:
+        """Training images per class, in label order (after bad images were left out)."""
+        index = self._ensure_index()
+        return count_labels(index.splits["train"].labels, len(index.class_names))
+
+    @property
     def has_test(self) -> bool:
         """Whether the source has a test split."""
         return self._has_source() and "test" in self._ensure_index().splits
@@ -341,7 +356,21 @@ class ImageDataModule(pl.LightningDataModule):
                 len(self._index.class_names),
                 ", ".join(f"{k} {v}" for k, v in n.items()),
             )
+            self._log_class_balance(self._index)
         return self._index
+
+    def _log_class_balance(self, index: Index) -> None:
+        """Images per class and split; a warning when the training classes are far apart."""
+        c = len(index.class_names)
+        counts = {
+            role: count_labels(split.labels, c)
+            for role, split in index.splits.items()
+            if role in ("train", "val", "test")
+        }
+        log.info("Images per class:\n%s", per_class_counts_table(index.class_names, counts))
+        warning = imbalance_warning(index.class_names, counts["train"])
+        if warning and self.sampler != "balanced":  # balanced sampling is the remedy chosen
+            log.warning(warning)
 
     # ---------------------------------------------------------------- where bad images are listed
 
@@ -552,6 +581,8 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Training batches in an order fixed by ``(seed, epoch)``: :class:`EpochShuffleSampler`.
 
+        With ``sampler: balanced``, :class:`~tlfinetune.sampling.BalancedSampler`'s draws.
+
         Without augmentation, a fit's :class:`~tlfinetune.cache.FeatureCache` may serve them
         as cached backbone features instead, in the same order.
         """
@@ -559,7 +590,11 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _train_images(self) -> DataLoader:
         dataset = self._require("train_dataset", "fit")
-        sampler = EpochShuffleSampler(len(dataset), self.seed)  # type: ignore[arg-type]
+        if self.sampler == "balanced":
+            labels = self._ensure_index().splits["train"].labels
+            sampler: EpochShuffleSampler = BalancedSampler(labels, self.seed)
+        else:
+            sampler = EpochShuffleSampler(len(dataset), self.seed)  # type: ignore[arg-type]
         sampler.set_epoch(self._current_epoch())
         self.train_sampler = sampler
         return self._loader(dataset, sampler, ResumableDataLoader, progress=self._progress)

@@ -22,9 +22,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
 from tlfinetune import backbone as bb
+from tlfinetune.balance import ClassWeights, resolve_class_weights
 from tlfinetune.cache import CachedBatch, FeatureCache
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
@@ -59,6 +60,11 @@ class TransferClassifier(pl.LightningModule):
         optimizer: optimizer factory; the seed's Adam by default.
         lr_scheduler: optional LR scheduler factory; ``ReduceLROnPlateau`` watches ``val/loss``.
         label_smoothing: cross-entropy label smoothing.
+        class_weights: weights of the classes in the cross-entropy, for imbalanced classes:
+            ``auto`` (inverse frequency of the training images, ``n_images / (n_classes *
+            count)``, as Keras' and scikit-learn's ``balanced``; read from the datamodule) or
+            one float per class in label order. Saved in checkpoints (the ``class_weight``
+            buffer), so a resumed fit and ``validate`` use the loss the run trained with.
         channels_last: run convolutions in channels-last memory layout (about 1.5x faster on CPU).
         mean: per-channel normalisation mean of the weights' preset.
         std: per-channel normalisation std of the weights' preset.
@@ -86,6 +92,7 @@ class TransferClassifier(pl.LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         label_smoothing: float = 0.0,
+        class_weights: ClassWeights = None,
         channels_last: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -100,6 +107,8 @@ class TransferClassifier(pl.LightningModule):
             raise ConfigError(
                 f"class_names has {len(class_names)} names but num_classes={num_classes}."
             )
+        if num_classes is not None:  # a wrong list fails here, before any data is read
+            resolve_class_weights(class_weights, num_classes, [1] * num_classes)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self._nonfinite: torch.Tensor | None = None  # (loss, step, batch) of the first bad step
@@ -130,9 +139,38 @@ class TransferClassifier(pl.LightningModule):
             backbone=name,
             pretrained_classifier=self._weights.classifier,
         )
+        self._register_class_weights(num_classes)
         self.train_metrics = _metrics(num_classes, "train/")
         self.val_metrics = _metrics(num_classes, "val/")
         self.test_metrics = _metrics(num_classes, "test/")
+
+    def _register_class_weights(self, num_classes: int) -> None:
+        """The ``class_weight`` buffer, when class weights are asked for (``auto``: ones for now).
+
+        Only then, so checkpoints of runs without class weights keep their exact contents.
+        """
+        spec = self.hparams.get("class_weights")
+        if spec is None:
+            return
+        weights = resolve_class_weights(spec, num_classes, [1] * num_classes)
+        self.register_buffer("class_weight", torch.tensor(weights, dtype=torch.float32))
+
+    def _fill_auto_class_weights(self, dm: Any, stage: str) -> None:
+        """``class_weights: auto``: inverse frequency of the datamodule's training images.
+
+        A checkpoint being restored replaces them afterwards with the weights it trained with.
+        """
+        if self.hparams.get("class_weights") != "auto":
+            return
+        counts = getattr(dm, "class_counts", None) if dm is not None else None
+        if counts is None and stage != "fit":
+            return  # nothing trains: the checkpoint's weights (or none) serve the loss
+        weights = resolve_class_weights("auto", self.hparams.num_classes, counts)
+        assert weights is not None
+        self.class_weight.copy_(torch.tensor(weights))
+        names = self.hparams.get("class_names") or [str(i) for i in range(len(weights))]
+        shown = ", ".join(f"{n} {w:.3g}" for n, w in list(zip(names, weights, strict=True))[:20])
+        log.info(f"Class weights (auto, inverse frequency of the training images): {shown}.")
 
     def _fill_hparams(self, **values: Any) -> None:
         # Values read from the data belong to the model's hyperparameters: the checkpoint must
@@ -163,6 +201,7 @@ class TransferClassifier(pl.LightningModule):
             self._build_head(dm.num_classes, dm.image_size)
             if self.hparams.channels_last:
                 self.head.to(memory_format=torch.channels_last)
+        self._fill_auto_class_weights(dm, stage)
         head = self.head_spec if isinstance(self.head_spec, str) else type(self.head).__name__
         ckpt = getattr(self.trainer, "ckpt_path", None)
         weights = f"from checkpoint {ckpt}" if ckpt else self.weights_info
@@ -269,7 +308,9 @@ class TransferClassifier(pl.LightningModule):
         Probabilities are the soft labels of Mixup/CutMix batches (``data.mix``).
         """
         smoothing = self.hparams.label_smoothing
-        return F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+        weight = getattr(self, "class_weight", None)  # --model.class_weights
+        weight = None if weight is None else weight.float()
+        return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=smoothing)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
         loss = self._shared_step(batch, self.train_metrics, "train")
@@ -392,6 +433,30 @@ class TransferClassifier(pl.LightningModule):
             checkpoint["hyper_parameters"] = hparams
         checkpoint["tlfinetune"] = {"weights_origin": self.weights_info}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the loss the checkpoint trained with, unless other class weights were chosen.
+
+        The same ``class_weights`` setting restores the checkpoint's ``class_weight`` buffer
+        (``auto``: computed from the data it trained on). A different one, given on the command
+        line of a resume, is used from now on and said so.
+        """
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        theirs = checkpoint.get("hyper_parameters", {}).get("class_weights")
+        ours = self.hparams.get("class_weights")
+        mine = getattr(self, "class_weight", None)
+        if ours == theirs:
+            return
+        log.info(
+            f"--model.class_weights: using your {ours!r}, not the checkpoint's {theirs!r}, "
+            "in the loss from now on."
+        )
+        if mine is None:
+            state.pop("class_weight", None)
+        else:
+            state["class_weight"] = mine.detach().clone()
+
 
 def hash_seed(*parts: int) -> int:
     """A 32-bit seed that depends on every part (numpy's SeedSequence mixes them)."""
@@ -406,6 +471,8 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
     metrics: dict[str, Any] = {
         "acc": MulticlassAccuracy(num_classes, average="micro", **fast),
         "f1": MulticlassF1Score(num_classes, average="macro", **fast),
+        # Mean recall over the classes: what accuracy hides when the classes are imbalanced.
+        "balanced_acc": MulticlassRecall(num_classes, average="macro", **fast),
     }
     if num_classes > 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", **fast)

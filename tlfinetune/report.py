@@ -261,17 +261,18 @@ def _warn_once(message: str) -> None:
 
 
 def compute_metrics(result: EvalResult) -> dict[str, Any]:
-    """Accuracy (micro top-1), top-5 accuracy (more than 5 classes), macro F1, per-class table.
+    """Accuracy (micro top-1), top-5 (more than 5 classes), macro F1, balanced accuracy, per class.
 
     The numbers are torchmetrics' (``MulticlassAccuracy``, ``MulticlassF1Score``,
-    ``MulticlassPrecision``, ``MulticlassRecall``, zero division giving 0, macro F1 over the
-    classes that occur as label or prediction), computed from the confusion matrix with the
-    same float32 arithmetic.
+    ``MulticlassPrecision``, ``MulticlassRecall``, zero division giving 0, macro F1 and
+    balanced accuracy (macro recall) over the classes that occur as label or prediction),
+    computed from the confusion matrix with the same float32 arithmetic.
 
     Returns:
         ``num_samples``, ``num_classes``, ``accuracy``, ``top5_accuracy`` (only when there are
-        more than 5 classes), ``macro_f1``, ``per_class`` (``{name: {precision, recall, f1,
-        support}}``) and ``confusion_matrix`` (rows: true class, columns: predicted class).
+        more than 5 classes), ``macro_f1``, ``balanced_accuracy``, ``per_class`` (``{name:
+        {precision, recall, f1, support}}``) and ``confusion_matrix`` (rows: true class,
+        columns: predicted class).
     """
     confusion, c = result.confusion.long(), result.num_classes
     tp = confusion.diagonal()
@@ -288,8 +289,12 @@ def compute_metrics(result: EvalResult) -> dict[str, Any]:
     f1 = _divide(2.0 * tp, 2.0 * tp + fn + fp)
     present = (tp + fp + fn != 0).float()  # torchmetrics leaves absent classes out of the mean
     metrics["macro_f1"] = _divide(present * f1, present.sum()).sum().item()
+    recall_t = _divide(tp, tp + fn)
+    # Mean per-class recall (torchmetrics' macro MulticlassRecall): every class counts the same
+    # however many images it has, so favouring a large class does not pay as in accuracy.
+    metrics["balanced_accuracy"] = _divide(present * recall_t, present.sum()).sum().item()
     precision = _divide(tp, tp + fp).tolist()
-    recall = _divide(tp, tp + fn).tolist()
+    recall = recall_t.tolist()
     support = (tp + fn).tolist()
     metrics["per_class"] = {
         name: {"precision": p, "recall": r, "f1": f, "support": s}
@@ -315,6 +320,8 @@ def format_report(metrics: dict[str, Any]) -> str:
     if "top5_accuracy" in metrics:
         lines.append(f"{'top-5 accuracy':<16}{metrics['top5_accuracy']:.4f}")
     lines.append(f"{'macro F1':<16}{metrics['macro_f1']:.4f}")
+    if "balanced_accuracy" in metrics:  # metrics.json written before it existed has none
+        lines.append(f"{'balanced acc.':<16}{metrics['balanced_accuracy']:.4f}  (mean recall)")
     width = max([5, *(len(name) for name in metrics["per_class"])]) + 2
     lines += ["", f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
     for name, row in metrics["per_class"].items():

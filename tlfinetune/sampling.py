@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from tlfinetune.errors import DataError
 
-__all__ = ["EpochShuffleSampler", "ResumableDataLoader", "stratified_split"]
+__all__ = ["BalancedSampler", "EpochShuffleSampler", "ResumableDataLoader", "stratified_split"]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -45,11 +45,45 @@ class EpochShuffleSampler(Sampler[int]):
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, abs(self.seed) >> 32, e])
         return rng.permutation(self.num_samples).tolist()
 
+    def order(self, epoch: int | None = None) -> list[int]:
+        """The positions epoch ``epoch`` (default: the current one) draws, in order."""
+        return self.permutation(epoch)
+
     def __iter__(self) -> Iterator[int]:
-        return iter(self.permutation())
+        return iter(self.order())
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class BalancedSampler(EpochShuffleSampler):
+    """Draws with replacement so that each class comes up equally often, fixed by ``(seed, epoch)``.
+
+    Each position is drawn with probability ``1 / (n_classes * count of its class)``, so in
+    expectation every class fills the same share of an epoch, and an epoch has as many draws
+    as the dataset has images (rare images repeat, common ones are partly left out), as
+    ``torch.utils.data.WeightedRandomSampler`` with inverse class frequencies. Unlike that
+    sampler, the draws depend only on ``(seed, epoch)``, so a run resumed at any epoch, or
+    mid-epoch with :class:`ResumableDataLoader`, draws what an uninterrupted run drew.
+
+    Args:
+        labels: The label of each position.
+        seed: Seed of the draws.
+    """
+
+    def __init__(self, labels: Sequence[int], seed: int = 0) -> None:
+        super().__init__(len(labels), seed)
+        labels_arr = np.asarray(labels, dtype=np.int64)
+        _, inverse, counts = np.unique(labels_arr, return_inverse=True, return_counts=True)
+        weights = 1.0 / counts[inverse]
+        self.probabilities = weights / weights.sum()
+
+    def order(self, epoch: int | None = None) -> list[int]:
+        """The positions drawn in epoch ``epoch`` (default: the current one)."""
+        e = self.epoch if epoch is None else int(epoch)
+        # Its own stream (the trailing 1): not the shuffle's order of the same (seed, epoch).
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, abs(self.seed) >> 32, e, 1])
+        return rng.choice(self.num_samples, self.num_samples, p=self.probabilities).tolist()
 
 
 class ResumableDataLoader(DataLoader):
