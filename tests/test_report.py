@@ -99,6 +99,9 @@ def test_write_report_matches_torchmetrics(tmp_path, num_classes):
     c = num_classes
     assert saved["accuracy"] == pytest.approx(multiclass_accuracy(probs, y, c, average="micro"))
     assert saved["macro_f1"] == pytest.approx(multiclass_f1_score(probs, y, c, average="macro"))
+    assert saved["balanced_accuracy"] == pytest.approx(
+        multiclass_recall(probs, y, c, average="macro")
+    )
     assert ("top5_accuracy" in saved) == (num_classes > 5)
     if num_classes > 5:
         top5 = multiclass_accuracy(probs, y, c, top_k=5, average="micro")
