@@ -1,6 +1,8 @@
 """Imbalanced classes: counts and warning, class weights in the loss, balanced sampling, reports."""
 
 import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -188,3 +190,46 @@ def test_report_shows_per_class_recall_and_balanced_accuracy(tmp_path, capsys):
     assert saved["balanced_accuracy"] == pytest.approx(
         multiclass_recall(probs, y, 2, average="macro").item()
     )
+
+
+def test_cli_fit_with_class_weights_balanced_sampler_and_early_stopping(tmp_path):
+    """One `python -m tlfinetune fit` with all three: what the user sees and what is saved."""
+    from test_cli import FAST, make_folder
+
+    data = make_folder(tmp_path / "data", classes=("ants", "bees"), per_class=3)
+    make_folder(tmp_path / "more", classes=("ants",), per_class=27)
+    for i, image in enumerate(sorted((tmp_path / "more" / "ants").iterdir())):
+        image.rename(data / "ants" / f"more{i:03d}.png")  # 30 ants, 3 bees
+    out = tmp_path / "runs"
+    args = [
+        "fit", f"--data.root={data}", "--data.image_size=32", "--data.batch_size=8",
+        "--data.val_split=0.34", "--data.augment=false", "--model.backbone=test_vgg16",
+        "--model.weights=none",
+        f"--trainer.default_root_dir={out}", "--trainer.max_epochs=5",
+        "--freeze.milestones={2: block5}",
+        # lr 0: val/loss never improves, so when it stops is known exactly
+        "--model.optimizer=Adam", "--model.optimizer.lr=0",
+        "--model.class_weights", "auto", "--data.sampler", "balanced",
+        "--early_stopping.patience", "1", *FAST,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlfinetune", *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert "Images per class" in said and "ants" in said
+    assert "(auto, inverse frequency of the training images): ants 0.55, bees 5.5" in said
+    assert "Feature cache off: data.sampler balanced" in said
+    # Patience 1 ran out after epoch 0 (withdrawn: the milestone at epoch 2 was ahead) and
+    # after epoch 2, the milestone's own epoch: the run stops there, not at max_epochs.
+    assert "the freeze schedule unfreezes more at epoch 2: training goes on" in said
+    assert "Stopped early after epoch 2" in said and "best checkpoint: " in said
+    version = out / "version_0"
+    header = (version / "metrics.csv").read_text().splitlines()[0]
+    assert "val/balanced_acc" in header
+    last = torch.load(version / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2  # written at the end of epoch 2, the last one trained (not 4)
+    assert last["hyper_parameters"]["class_weights"] == "auto"
+    torch.testing.assert_close(last["state_dict"]["class_weight"], torch.tensor([22 / 40, 22 / 4]))
+    assert any(key.startswith("ScheduleEarlyStopping") for key in last["callbacks"])

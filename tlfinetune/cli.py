@@ -44,6 +44,7 @@ from tlfinetune.runs import (
     next_free_name,
     version_of,
 )
+from tlfinetune.stopping import ScheduleEarlyStopping
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,10 @@ class TLFinetuneCLI(LightningCLI):
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """The ``--freeze.*``, ``--checkpoint.*`` and (predict) ``--prediction.*`` groups."""
+        """The --freeze, --checkpoint, --early_stopping and (predict) --prediction groups."""
         parser.add_lightning_class_args(FreezeSchedule, "freeze")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ScheduleEarlyStopping, "early_stopping")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -225,6 +227,7 @@ class TLFinetuneCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         if self.subcommand != "fit":  # nothing to checkpoint outside fit
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        callbacks = without_idle_early_stopping(callbacks, self.subcommand)
         if self.subcommand in ("fit", "validate", "test"):
             callbacks = [*callbacks, *self._extra_callbacks]
         return super()._instantiate_trainer(config, callbacks)
@@ -240,11 +243,31 @@ class TLFinetuneCLI(LightningCLI):
             return
         score = ckpt.best_model_score
         best = f"{score.item():.4f}" if score is not None else "n/a"
+        stopper = next(
+            (c for c in self.trainer.callbacks if isinstance(c, ScheduleEarlyStopping)), None
+        )
+        if stopper is not None and stopper.stopped_epoch:
+            print(
+                f"\nStopped early after epoch {stopper.stopped_epoch}: "
+                f"{stopper.stopped_reason()} Use the best checkpoint below, not last.ckpt."
+            )
         print(
             f"\nBest {ckpt.monitor}: {best}\n  best checkpoint: {ckpt.best_model_path or '-'}\n"
             f"  last checkpoint: {ckpt.last_model_path or '-'}\n"
             f"  run folder: {run_folder}"
         )
+
+
+def without_idle_early_stopping(callbacks: list[Any], subcommand: str | None) -> list[Any]:
+    """Leave out early stopping when it is off (no patience) or nothing trains.
+
+    So a fit without ``--early_stopping.patience`` runs and checkpoints exactly as before.
+    """
+    return [
+        c
+        for c in callbacks
+        if not isinstance(c, ScheduleEarlyStopping) or (c.enabled and subcommand == "fit")
+    ]
 
 
 def explain_unknown(message: str, parser: LightningArgumentParser) -> str:
