@@ -160,6 +160,13 @@ def test_auto_weights_are_saved_and_restored_for_validate(tmp_path, data_log):
     fit.save_checkpoint(ckpt)
     loaded = TransferClassifier.load_from_checkpoint(ckpt, weights_only=True)
     torch.testing.assert_close(loaded.class_weight, expected)
+    # Other weights chosen at load time win over the checkpoint's, and none means none.
+    chosen = TransferClassifier.load_from_checkpoint(ckpt, weights_only=True, class_weights=[2, 1])
+    torch.testing.assert_close(chosen.class_weight, torch.tensor([2.0, 1.0]))
+    plain = TransferClassifier.load_from_checkpoint(ckpt, weights_only=True, class_weights=None)
+    assert not hasattr(plain, "class_weight")
+    only_predict = ImageDataModule(predict_dir=tmp_path)
+    assert getattr(only_predict, "class_counts", None) is None  # no training data to count
     # Validating on other data (balanced here) keeps the loss the checkpoint trained with.
     other = imbalanced(big=20, small=20)
     fresh = TransferClassifier(backbone="test_vgg16", weights="none", class_weights="auto")

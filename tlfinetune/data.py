@@ -296,6 +296,11 @@ class ImageDataModule(pl.LightningDataModule):
     @property
     def class_counts(self) -> list[int]:
         """Training images per class, in label order (after bad images were left out)."""
+        if not self._has_source():  # AttributeError too: getattr(dm, "class_counts", None)
+            raise _NoClassNamesError(
+                "This datamodule has no training data (data.root, data.train_csv or arrays), so "
+                "it cannot count the training images per class."
+            )
         index = self._ensure_index()
         return count_labels(index.splits["train"].labels, len(index.class_names))
 

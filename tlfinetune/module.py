@@ -434,28 +434,28 @@ class TransferClassifier(pl.LightningModule):
         checkpoint["tlfinetune"] = {"weights_origin": self.weights_info}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the loss the checkpoint trained with, unless other class weights were chosen.
+        """Class weights: ``auto`` keeps the checkpoint's, anything else is used as asked.
 
-        The same ``class_weights`` setting restores the checkpoint's ``class_weight`` buffer
-        (``auto``: computed from the data it trained on). A different one, given on the command
-        line of a resume, is used from now on and said so.
+        ``auto`` in both the checkpoint and this model restores the checkpoint's
+        ``class_weight`` buffer (computed from the data it trained on), so a resumed fit and
+        ``validate`` use the loss the run trained with. A list, or none, given now (a resume
+        with other ``--model.class_weights``) is used from now on, and the log says so.
         """
         state = checkpoint.get("state_dict")
         if state is None:
             return
         theirs = checkpoint.get("hyper_parameters", {}).get("class_weights")
         ours = self.hparams.get("class_weights")
-        mine = getattr(self, "class_weight", None)
-        if ours == theirs:
+        saved = state.get("class_weight")
+        if ours == theirs == "auto" and saved is not None:
             return
-        log.info(
-            f"--model.class_weights: using your {ours!r}, not the checkpoint's {theirs!r}, "
-            "in the loss from now on."
-        )
+        mine = getattr(self, "class_weight", None)
         if mine is None:
             state.pop("class_weight", None)
         else:
             state["class_weight"] = mine.detach().clone()
+        if saved is not None and (mine is None or not torch.equal(saved.float().cpu(), mine.cpu())):
+            log.info(f"Class weights from now on: {ours!r}, not the checkpoint's {theirs!r}.")
 
 
 def hash_seed(*parts: int) -> int:
