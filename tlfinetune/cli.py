@@ -246,7 +246,7 @@ class TLFinetuneCLI(LightningCLI):
         stopper = next(
             (c for c in self.trainer.callbacks if isinstance(c, ScheduleEarlyStopping)), None
         )
-        if stopper is not None and stopper.stopped_epoch:
+        if stopper is not None and stopper.stopped:
             print(
                 f"\nStopped early after epoch {stopper.stopped_epoch}: "
                 f"{stopper.stopped_reason()} Use the best checkpoint below, not last.ckpt."

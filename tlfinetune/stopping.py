@@ -66,6 +66,12 @@ class ScheduleEarlyStopping(EarlyStopping):
         super().__init__(monitor=monitor, min_delta=min_delta, patience=patience or 1, mode=mode)
         self.enabled = patience is not None
         self.restore_best = restore_best
+        self._held_for: int | None = None  # the milestone a withdrawn stop waited for (log once)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether this callback stopped the fit."""
+        return self.stopping_reason != EarlyStoppingReason.NOT_STOPPED
 
     # --- the schedule --------------------------------------------------------------------------
 
@@ -104,6 +110,9 @@ class ScheduleEarlyStopping(EarlyStopping):
             self.stopped_epoch = 0
             self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
             self.stopping_reason_message = None
+            if self._held_for == ahead[0]:
+                return
+            self._held_for = ahead[0]
             log.info(
                 f"Early stopping: {self.monitor} has not improved for {self.wait_count} epoch(s), "
                 f"but the freeze schedule unfreezes more at epoch {ahead[0]}: training goes on."
@@ -131,7 +140,7 @@ class ScheduleEarlyStopping(EarlyStopping):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After an early stop, load the best checkpoint's weights into the model."""
-        if not (self.enabled and self.restore_best and self.stopped_epoch):
+        if not (self.enabled and self.restore_best and self.stopped):
             return
         ckpt = trainer.checkpoint_callback
         path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
