@@ -143,7 +143,7 @@ def test_balanced_loader_follows_the_epoch_and_resumes_mid_epoch():
 def _fit(dm, tmp_path, **model_kw):
     pl.seed_everything(0)
     model = TransferClassifier(backbone="test_vgg16", weights="none", **model_kw)
-    fit = trainer(max_epochs=2, default_root_dir=tmp_path)
+    fit = trainer(max_epochs=1, default_root_dir=tmp_path)
     fit.fit(model, dm)
     return model, fit
 
@@ -199,6 +199,7 @@ def test_report_shows_per_class_recall_and_balanced_accuracy(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_cli_fit_with_class_weights_balanced_sampler_and_early_stopping(tmp_path):
     """One `python -m tlfinetune fit` with all three: what the user sees and what is saved."""
     from test_cli import FAST, make_folder
