@@ -50,7 +50,7 @@ def fit(folder, max_epochs=10, ckpt=None, milestones=None, **stop_kw):
 
 
 def test_stops_only_when_the_last_phase_ran_out_of_patience_and_ends_with_the_best_weights(
-    tmp_path,
+    tmp_path, one_thread
 ):
     model, trainer, stopper = fit(tmp_path)
     assert stopper.stopped_epoch == 6 and trainer.current_epoch == 7  # epochs 0-6 trained
@@ -68,7 +68,7 @@ def test_stops_only_when_the_last_phase_ran_out_of_patience_and_ends_with_the_be
     assert plain.stopped_epoch == 2
 
 
-def test_a_resumed_fit_stops_where_an_uninterrupted_one_does(tmp_path):
+def test_a_resumed_fit_stops_where_an_uninterrupted_one_does(tmp_path, one_thread):
     fit(tmp_path, max_epochs=5)  # ends after epoch 4: the best so far, no epoch without gain
     _, trainer, stopper = fit(tmp_path, ckpt=tmp_path / "last.ckpt", patience=2)
     # Without the saved state (best 0.9) epoch 5 would count as a gain and the stop come later.

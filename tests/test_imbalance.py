@@ -1,6 +1,7 @@
 """Imbalanced classes: counts and warning, class weights in the loss, balanced sampling, reports."""
 
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -148,7 +149,7 @@ def _fit(dm, tmp_path, **model_kw):
     return model, fit
 
 
-def test_auto_weights_are_saved_and_restored_for_validate(tmp_path, data_log):
+def test_auto_weights_are_saved_and_restored_for_validate(tmp_path, data_log, one_thread):
     dm = imbalanced(sampler="balanced")
     model, fit = _fit(dm, tmp_path, class_weights="auto")
     expected = torch.tensor(balanced_weights([32, 3]))
@@ -174,7 +175,7 @@ def test_auto_weights_are_saved_and_restored_for_validate(tmp_path, data_log):
     torch.testing.assert_close(fresh.class_weight, expected)
 
 
-def test_report_shows_per_class_recall_and_balanced_accuracy(tmp_path, capsys):
+def test_report_shows_per_class_recall_and_balanced_accuracy(tmp_path, capsys, one_thread):
     dm = imbalanced()
     model = TransferClassifier(
         backbone="test_vgg16", weights="none", num_classes=2, image_size=32,
@@ -223,6 +224,7 @@ def test_cli_fit_with_class_weights_balanced_sampler_and_early_stopping(tmp_path
     proc = subprocess.run(
         [sys.executable, "-m", "tlfinetune", *args],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # tiny convolutions: see one_thread
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = proc.stdout + proc.stderr
