@@ -1,11 +1,12 @@
-"""Command line: ``python -m tlfinetune {fit,validate,test,predict,export,compare}``.
+"""Command line: ``python -m tlfinetune {fit,validate,test,predict,export,compare,lr_find}``.
 
 fit/validate/test/predict are LightningCLI subcommands over TransferClassifier and
 ImageDataModule, with the FreezeSchedule as its own argument group (``--freeze.*``). Every run of
 ``fit`` gets its own ``version_N`` folder under ``trainer.default_root_dir`` holding its
 checkpoints (best by ``val/acc`` and ``last.ckpt``), ``config.yaml`` and ``metrics.csv``.
-``export`` and ``compare`` parse their arguments with jsonargparse too: ``export`` from a typed
-parser of its own, ``compare`` with the ``fit`` parser plus ``--regimes``.
+``export``, ``compare`` and ``lr_find`` parse their arguments with jsonargparse too: ``export``
+from a typed parser of its own, ``compare`` and ``lr_find`` with the ``fit`` parser plus their
+own options.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from tlfinetune.runs import (
     version_of,
 )
 from tlfinetune.stopping import ScheduleEarlyStopping
+from tlfinetune.tta import TestTimeAugmentation
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,12 @@ class TLFinetuneCLI(LightningCLI):
         )
         if getattr(self, "_building", None) == "predict":
             parser.add_lightning_class_args(PredictionWriter, "prediction")
+        self._add_tta_option(parser)
+
+    def _add_tta_option(self, parser: LightningArgumentParser) -> None:
+        """``--prediction.tta`` for validate/test (predict's is the PredictionWriter's own)."""
+        if getattr(self, "_building", None) in ("validate", "test"):
+            parser.add_lightning_class_args(TestTimeAugmentation, "prediction")
 
     # --- before the classes exist --------------------------------------------------------------
 
@@ -328,7 +336,7 @@ def read_hparams(path: Path) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if not k.startswith("_")}
 
 
-EXTRA_COMMANDS = ("export", "compare")
+EXTRA_COMMANDS = ("export", "compare", "lr_find")
 # Lightning warnings that do not apply to how this CLI uses it.
 NOISE = (
     ".*callbacks used to create the checkpoint need to be provided.*",

@@ -32,6 +32,7 @@ from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.head import HeadFactory, HeadName, build_head
 from tlfinetune.machine import emulated_bf16_warning
 from tlfinetune.transforms import IMAGENET_MEAN, IMAGENET_STD
+from tlfinetune.tta import averaged_logits
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,18 @@ class TransferClassifier(pl.LightningModule):
             return self.backbone[k:](x) if k < len(self.backbone) else x
         return self.backbone(x)
 
+    tta: str = "none"
+    """Test-time augmentation of the forward pass outside training: ``none`` or ``flip`` (the
+    log of the mean softmax of each image and its mirror, :mod:`tlfinetune.tta`).
+    ``--prediction.tta`` sets it for the length of a validate, test or predict run."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, H, W), uint8 or float in [0, 1] -> logits (N, num_classes)."""
+        if self.tta != "none" and not self.training:
+            return averaged_logits(self._logits, x, self.tta)
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(self.normalize(x)))
 
     def train(self, mode: bool = True) -> TransferClassifier:
@@ -319,12 +330,15 @@ class TransferClassifier(pl.LightningModule):
 
     nonfinite_check_every: int | None = None
     """Training steps between checks of the loss for NaN/inf; ``None``: every step on a CPU,
-    every 50 on accelerators. Reading a value back from a GPU waits for every queued kernel, so
+    every 50 on accelerators; ``0``: never (the learning-rate finder's sweeps, which are meant
+    to diverge at their end). Reading a value back from a GPU waits for every queued kernel, so
     checking each step would leave it idle while Python prepares the next step. Between checks
     the first bad step is recorded on the device; it is also read at the end of each epoch and
     before any checkpoint is written, so no checkpoint ever holds weights trained on NaNs."""
 
     def _guard_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        if self.nonfinite_check_every == 0:
+            return
         every = self.nonfinite_check_every or (1 if loss.device.type == "cpu" else 50)
         # Built on the device from scalars: a host tensor copied over would wait for the GPU.
         record = torch.stack(

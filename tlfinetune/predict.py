@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from tlfinetune.saliency import cam_layer, grad_cam, overlay
+from tlfinetune.tta import TTA, check_tta, switch_tta
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,24 @@ class PredictionWriter(BasePredictionWriter):
         explain: folder for one PNG per image: the image with the Grad-CAM heat map of its
             predicted class blended over it, named after the image (``cats/img1.jpg`` ->
             ``DIR/cats/img1.png``, subfolders kept). Costs about two forward passes per batch.
+        tta: test-time augmentation: ``none``, or ``flip`` (the mean probabilities of each image
+            and its horizontal mirror; the CSV then ends with a ``tta`` column saying so).
     """
 
     def __init__(
-        self, output: str | None = None, top_k: int = 5, explain: str | None = None
+        self,
+        output: str | None = None,
+        top_k: int = 5,
+        explain: str | None = None,
+        tta: TTA = "none",
     ) -> None:
         super().__init__(write_interval="batch")
         self.output = output
         self.top_k = top_k
         self.explain = explain
         self._overlay_names: dict[int, Path] = {}
+        self.tta = check_tta(tta)
+        self._tta_before: str | None = None
         self._part: TextIO | None = None
         self._part_path: Path | None = None
         self._last_index = -1
@@ -118,6 +127,8 @@ class PredictionWriter(BasePredictionWriter):
             row: list[Any] = [index, name, names[classes[0]], f"{values[0]:.6f}"]
             for value, cls in zip(values, classes, strict=True):
                 row += [names[cls], f"{value:.6f}"]
+            if self.tta != "none":
+                row.append(self.tta)
             writer.writerow(row)
         return buffer.getvalue()
 
@@ -153,11 +164,14 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             parts = [self._part_of(path, r) for r in range(trainer.world_size)]
             count = merge_parts(parts, path, self._header(), presorted=all_sorted)
-            print(f"Wrote {count} predictions to {path}")
+            tta = f" (test-time augmentation: {self.tta})" if self.tta != "none" else ""
+            print(f"Wrote {count} predictions to {path}{tta}")
         trainer.strategy.barrier()  # the parts are gone before any process returns
 
     def on_exception(self, trainer: pl.Trainer, *args: Any) -> None:  # noqa: D102
         self._close_part()
+        if self._tta_before is not None and trainer.lightning_module is not None:
+            self.on_predict_end(trainer, trainer.lightning_module)
         if self._part_path is not None:
             self._part_path.unlink(missing_ok=True)
 
@@ -165,7 +179,18 @@ class PredictionWriter(BasePredictionWriter):
         header = ["path", "label", "probability"]
         for i in range(1, min(self.top_k, len(self._names)) + 1):
             header += [f"top{i}", f"top{i}_probability"]
+        if self.tta != "none":
+            header.append("tta")
         return header
+
+    # Test-time augmentation is the model's forward pass (tlfinetune.tta): on for this run only.
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
+        self._tta_before = switch_tta(pl_module, self.tta)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
+        if self._tta_before is not None:
+            switch_tta(pl_module, self._tta_before)
+            self._tta_before = None
 
     def _close_part(self) -> None:
         if self._part is not None:

@@ -572,6 +572,7 @@ class EvaluationReport(pl.Callback):
         self._collectors: dict[int, _Collector] = {}
         self._caught: list[Tensor] = []
         self._hook: Any = None
+        self._tta = "none"  # the model's test-time augmentation during this run
 
     # Lightning hooks, for both stages.
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -610,7 +611,7 @@ class EvaluationReport(pl.Callback):
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.state.fn != stage:  # validation inside fit: not ours
             return
-        self._collectors, self._caught = {}, []
+        self._collectors, self._caught, self._tta = {}, [], "none"
         self._remove_hook()
         self._hook = pl_module.register_forward_hook(self._catch)
 
@@ -621,6 +622,8 @@ class EvaluationReport(pl.Callback):
     def _batch_end(self, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
         if self._hook is None:
             return
+        # Read here, after every callback's start hook has run: the mode the logits came from.
+        self._tta = getattr(pl_module, "tta", "none")
         images, labels = batch[0], batch[1]
         logits = next((t for t in reversed(self._caught) if len(t) == len(labels)), None)
         if logits is None:
@@ -657,13 +660,14 @@ class EvaluationReport(pl.Callback):
         self.metrics = {}
         for idx, collector in sorted(self._collectors.items()):
             out = root / f"dataloader_{idx}" if many else root
-            extra = {"stage": stage, "dataloader_idx": idx}
+            extra = {"stage": stage, "dataloader_idx": idx, "tta": self._tta}
             result = collector.result(names)
             if self.heat_maps:
                 add_heat_maps(pl_module, result.mistakes)
             self.metrics[idx] = write_report(result, out, extra)
             if self.verbose:
-                print(f"\n{stage} report ({out}):\n{format_report(self.metrics[idx])}")
+                tta = f", test-time augmentation: {self._tta}" if self._tta != "none" else ""
+                print(f"\n{stage} report ({out}{tta}):\n{format_report(self.metrics[idx])}")
         self._collectors = {}
 
     def _remove_hook(self) -> None:
