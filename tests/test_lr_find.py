@@ -110,7 +110,7 @@ def fit(model, data, schedule):
     return {k: v.clone() for k, v in model.state_dict().items()}, cache.builds
 
 
-def test_a_fit_after_lr_find_ends_as_one_without_it(tmp_path):
+def test_a_fit_after_lr_find_ends_as_one_without_it(tmp_path, monkeypatch):
     def build():
         pl.seed_everything(0, verbose=False)
         model = TransferClassifier(
@@ -130,8 +130,11 @@ def test_a_fit_after_lr_find_ends_as_one_without_it(tmp_path):
     hparams, rng = dict(model.hparams), rng_states()
     steps, schedule_state = list(schedule.steps), schedule.state_dict()
 
+    caches = []  # the sweeps run without a feature cache: none is even set up
+    monkeypatch.setattr(FeatureCache, "setup", lambda *args: caches.append(args))
     result = find_lr(model, data, schedule, num_training=15, trainer_kwargs=CPU)
-    assert result.sweeps[0].lrs  # it did sweep
+    monkeypatch.undo()
+    assert result.sweeps[0].lrs and not caches
 
     after = model.state_dict()
     assert state.keys() == after.keys()
@@ -142,7 +145,7 @@ def test_a_fit_after_lr_find_ends_as_one_without_it(tmp_path):
     now = rng_states()
     assert torch.equal(now[0], rng[0]) and (now[1] == rng[1]).all() and now[2] == rng[2]
     assert schedule.steps == steps and schedule.state_dict() == schedule_state
-    assert model.trainer is None and model.nonfinite_check_every is None
+    assert model._trainer is None and model.nonfinite_check_every is None
 
     weights, cached = fit(model, data, schedule)
     assert cached == builds  # the cache serves this fit as it served the reference
@@ -150,11 +153,13 @@ def test_a_fit_after_lr_find_ends_as_one_without_it(tmp_path):
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
 
 
-def test_lr_find_refuses_a_checkpoint_to_resume(tmp_path, capsys):
+def test_lr_find_says_what_is_wrong_with_its_settings(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["lr_find", "--data.root=demo", f"--ckpt_path={tmp_path / 'last.ckpt'}"])
+        main(["lr_find", "--data.root=demo", "--lr_find.num_training=5"])
     assert exit_.value.code == 2
-    assert "--model.weights PATH.ckpt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--lr_find.num_training 5" in err and "at least 20 steps" in err
+    assert "Traceback" not in err
 
 
 def test_lr_find_command(tmp_path):

@@ -52,7 +52,7 @@ from torch.optim.optimizer import (
 from tlfinetune.backbone import block_of
 from tlfinetune.errors import ConfigError
 from tlfinetune.freeze import FreezeSchedule
-from tlfinetune.runs import next_free_name
+from tlfinetune.runs import AtomicCheckpointIO, next_free_name
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +327,8 @@ def _sweep(
         "max_epochs": -1,  # the finder's step count ends the sweep, however small the data
         "check_val_every_n_epoch": 2**31,  # a sweep never validates
         "devices": 1,
+        # The finder reloads its own checkpoint: read as plain data, like every checkpoint here.
+        "plugins": [AtomicCheckpointIO()],
         **trainer_kwargs,
         "callbacks": [_Phase(index, ratio)],
     }
@@ -478,13 +480,7 @@ def main(argv: list[str] | None = None) -> LRFindResult:
     """Entry point of ``python -m tlfinetune lr_find``: the fit arguments plus ``--lr_find.*``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cli = _cli_class()(argv or ["--help"])
-    config = cli.config
-    if config.get("ckpt_path"):
-        raise ConfigError(
-            f"lr_find --ckpt_path {config.ckpt_path}: the finder sweeps from the model's starting "
-            "weights, not from a run to resume. To sweep from a trained backbone, give it as "
-            "--model.weights PATH.ckpt instead."
-        )
+    config = cli.config  # no --ckpt_path: sweeps start from --model.weights, never a resume
     settings = config.lr_find
     if not 0 < settings.min_lr < settings.max_lr or settings.num_training < 20:
         raise ConfigError(
