@@ -401,7 +401,10 @@ _UNSET = object()
 
 
 class _Once(logging.Filter):
-    """Lets each distinct message through once: every sweep's Trainer says the same things."""
+    """Each distinct message once (every sweep's Trainer says the same things), and none about
+    the finder's own temporary checkpoint, which the user never sees."""
+
+    INTERNAL = (".lr_find_", "`weights_only` was not set")
 
     def __init__(self) -> None:
         super().__init__()
@@ -409,6 +412,8 @@ class _Once(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
         message = record.getMessage()
+        if any(word in message for word in self.INTERNAL):
+            return False
         new = message not in self.seen
         self.seen.add(message)
         return new
@@ -416,7 +421,12 @@ class _Once(logging.Filter):
 
 @contextmanager
 def _said_once() -> Iterator[None]:
-    names = ("tlfinetune.module", "lightning.pytorch.utilities.rank_zero", "lightning.pytorch")
+    names = (
+        "tlfinetune.module",
+        "lightning.pytorch",
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+    )
     once = _Once()
     loggers = [logging.getLogger(name) for name in names]
     for logger in loggers:
