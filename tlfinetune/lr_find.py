@@ -401,8 +401,10 @@ _UNSET = object()
 
 
 class _Once(logging.Filter):
-    """Each distinct message once (every sweep's Trainer says the same things), and none about
-    the finder's own temporary checkpoint, which the user never sees."""
+    """Each distinct message once, none about the finder's own temporary checkpoint.
+
+    Every sweep's Trainer says the same things; the checkpoint is never the user's.
+    """
 
     INTERNAL = (".lr_find_", "`weights_only` was not set")
 
