@@ -79,6 +79,8 @@ def test_steepest_is_taken_against_log_lr_before_the_divergence():
     losses[-6:] = [2.0, 5.0, 4.0, 3.0, 6.0, float("nan")]
     assert 3e-3 < lrs[steepest(lrs, losses)] < 3e-2
     assert steepest(lrs[:12], losses[:12]) is None  # everything skipped
+    noise = [1.8 + 0.005 * np.sin(i) for i in range(50)]  # a flat sweep: nothing to suggest
+    assert steepest(lrs, noise) is None
 
 
 def test_the_smoothed_loss_is_debiased_as_lightning_means_to():
