@@ -166,19 +166,22 @@ def test_lr_find_says_what_is_wrong_with_its_settings(capsys):
 
 def test_lr_find_command(tmp_path):
     data, out = make_folder(tmp_path / "data"), tmp_path / "runs"
-    args = [
-        "lr_find", f"--data.root={data}", "--data.image_size=32", "--data.batch_size=8",
-        "--data.val_split=0.34", "--model.backbone=test_vgg16", "--model.weights=none",
-        "--freeze.milestones={1: block5}", "--lr_find.num_training=20",
-        f"--trainer.default_root_dir={out}", *FAST,
-    ]  # fmt: skip
+    config = tmp_path / "fit.yaml"  # the same config file a fit takes
+    config.write_text(
+        f"model: {{backbone: test_vgg16, weights: none}}\n"
+        f"data: {{root: {data}, image_size: 32, batch_size: 8, val_split: 0.34}}\n"
+        "freeze: {regime: frozen, milestones: {1: block5}}\n"
+    )
+    args = ["lr_find", f"--config={config}", "--lr_find.num_training=20",
+            f"--trainer.default_root_dir={out}", *FAST]  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "tlfinetune", *args],
         capture_output=True, text=True, timeout=300, env={**os.environ},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Suggested: --model.optimizer.lr " in done.stdout
-    assert "--freeze.backbone_lr_ratio " in done.stdout
+    printed = done.stdout
+    assert "phase 0, epoch 0: head " in printed and "block5+ alone, head held" in printed
+    assert "Suggested: --model.optimizer.lr " in printed
     # The curves and their numbers, and nothing else: no run folder, no finder checkpoint.
     assert sorted(p.name for p in out.iterdir()) == ["lr_find.json", "lr_find.png"]
     saved = json.loads((out / "lr_find.json").read_text())
@@ -187,4 +190,5 @@ def test_lr_find_command(tmp_path):
         (1, "head"),
         (1, "backbone"),
     ]
-    assert saved["lr"] == saved["sweeps"][0]["suggestion"] and len(saved["sweeps"][0]["lrs"]) > 12
+    assert saved["lr"] == saved["sweeps"][0]["suggestion"] and len(saved["sweeps"][0]["lrs"]) == 20
+    assert f"--model.optimizer.lr {saved['lr']:.2g}" in printed

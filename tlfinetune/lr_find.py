@@ -238,6 +238,8 @@ def find_lr(
     plan: list[Sweep] = []
     for phase, (epoch, index) in enumerate(steps):
         end = steps[phase + 1][0] - 1 if phase + 1 < len(steps) else None
+        if end is not None and end < epoch:
+            continue  # a milestone at the same epoch replaces this phase before it trains
         epochs = f"epoch {epoch} on" if end is None else f"epochs {epoch}-{end}"
         if end == epoch:
             epochs = f"epoch {epoch}"
