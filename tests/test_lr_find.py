@@ -133,7 +133,7 @@ def test_a_fit_after_lr_find_ends_as_one_without_it(tmp_path, monkeypatch):
     steps, schedule_state = list(schedule.steps), schedule.state_dict()
 
     caches = []  # the sweeps run without a feature cache: none is even set up
-    monkeypatch.setattr(FeatureCache, "setup", lambda *args: caches.append(args))
+    monkeypatch.setattr(FeatureCache, "setup", lambda *args, **kwargs: caches.append(kwargs))
     result = find_lr(model, data, schedule, num_training=15, trainer_kwargs=CPU)
     monkeypatch.undo()
     assert result.sweeps[0].lrs and not caches
