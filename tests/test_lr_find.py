@@ -23,7 +23,7 @@ from tlfinetune.lr_find import debiased, find_lr, steepest
 CPU = {"accelerator": "cpu", "enable_progress_bar": False}
 
 
-def test_the_suggestion_is_sane_and_each_phase_sweeps_its_own_groups():
+def test_the_suggestion_is_sane_and_each_phase_sweeps_its_own_groups(one_thread):
     # The toy: which channel is brightest, a frozen random test_vgg16 and the flatten head.
     # Known-good lr, measured by training 30 Adam steps at 1e-4 ... 3e-1 (seeds 0 and 1): 1e-2
     # (accuracy 0.96 and 1.00), 3e-2 close; at 1e-3 the loss has barely moved (0.97, 1.01).
@@ -112,7 +112,7 @@ def fit(model, data, schedule):
     return {k: v.clone() for k, v in model.state_dict().items()}, cache.builds
 
 
-def test_a_fit_after_lr_find_ends_as_one_without_it(tmp_path, monkeypatch):
+def test_a_fit_after_lr_find_ends_as_one_without_it(monkeypatch, one_thread):
     def build():
         pl.seed_everything(0, verbose=False)
         model = TransferClassifier(
@@ -176,7 +176,7 @@ def test_lr_find_command(tmp_path):
             f"--trainer.default_root_dir={out}", *FAST]  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "tlfinetune", *args],
-        capture_output=True, text=True, timeout=300, env={**os.environ},
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     printed = done.stdout

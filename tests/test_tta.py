@@ -28,7 +28,7 @@ def two_passes(model, images):
         return (F.softmax(model(images), 1) + F.softmax(model(images.flip(-1)), 1)) / 2
 
 
-def test_flip_averages_the_softmax_of_the_two_passes(tmp_path):
+def test_flip_averages_the_softmax_of_the_two_passes(tmp_path, one_thread):
     torch.manual_seed(0)
     model = TransferClassifier(num_classes=3, image_size=32, backbone="test_vgg16",
                                weights="none", class_names=["a", "b", "c"])  # fmt: skip
@@ -72,7 +72,7 @@ def test_flip_averages_the_softmax_of_the_two_passes(tmp_path):
         PredictionWriter(tta="crops")
 
 
-def test_predict_and_test_with_tta_from_the_command_line(tmp_path):
+def test_predict_and_test_with_tta_from_the_command_line(tmp_path, one_thread):
     data = make_folder(tmp_path / "data", per_class=3, size=32)
     dm = ImageDataModule(root=data, image_size=32, batch_size=8, num_workers=0, val_split=0.34)
     model = TransferClassifier(backbone="test_vgg16", weights="none")
@@ -86,7 +86,7 @@ def test_predict_and_test_with_tta_from_the_command_line(tmp_path):
         [sys.executable, "-m", "tlfinetune", "predict", f"--ckpt_path={ckpt}",
          f"--data.predict_dir={data}", "--prediction.tta=flip",
          f"--trainer.default_root_dir={out}", "--trainer.precision=32-true", *FAST],
-        capture_output=True, text=True, timeout=300, env={**os.environ},
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "test-time augmentation: flip" in done.stdout
