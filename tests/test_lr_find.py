@@ -170,7 +170,7 @@ def test_lr_find_command(tmp_path):
     config.write_text(
         f"model: {{backbone: test_vgg16, weights: none}}\n"
         f"data: {{root: {data}, image_size: 32, batch_size: 8, val_split: 0.34}}\n"
-        "freeze: {regime: frozen, milestones: {1: block5}}\n"
+        "freeze: {regime: partial, unfreeze_from: block5}\n"
     )
     args = ["lr_find", f"--config={config}", "--lr_find.num_training=20",
             f"--trainer.default_root_dir={out}", *FAST]  # fmt: skip
@@ -180,15 +180,11 @@ def test_lr_find_command(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     printed = done.stdout
-    assert "phase 0, epoch 0: head " in printed and "block5+ alone, head held" in printed
+    assert "phase 0, epoch 0 on: block5+ and head (backbone at lr x 0.1)" in printed
     assert "Suggested: --model.optimizer.lr " in printed
     # The curves and their numbers, and nothing else: no run folder, no finder checkpoint.
     assert sorted(p.name for p in out.iterdir()) == ["lr_find.json", "lr_find.png"]
     saved = json.loads((out / "lr_find.json").read_text())
-    assert [(s["phase"], s["swept"]) for s in saved["sweeps"]] == [
-        (0, "head"),
-        (1, "head"),
-        (1, "backbone"),
-    ]
+    assert [(s["phase"], s["swept"]) for s in saved["sweeps"]] == [(0, "head"), (0, "backbone")]
     assert saved["lr"] == saved["sweeps"][0]["suggestion"] and len(saved["sweeps"][0]["lrs"]) == 20
     assert f"--model.optimizer.lr {saved['lr']:.2g}" in printed
