@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import urllib.error
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,30 +39,126 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
+from torchvision import models as tv_models
 from torchvision.models import vgg as tv_vgg
 
+from tlfinetune import families as fam
 from tlfinetune.errors import ConfigError, WeightsError
+from tlfinetune.families import Family
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One Keras layer and the torchvision module index where it starts."""
+    """One place the backbone can be split at, and the names it answers to.
+
+    For VGG, one Keras layer: ``keras_index`` and ``keras_name`` are Keras', ``index`` the
+    torchvision ``features`` index where it starts. For the other families, one unit
+    (:mod:`tlfinetune.families`): ``keras_name`` is the unit's name (``layer4_1``),
+    ``keras_index`` the number ``unfreeze_from`` may give for it (ViT encoder layers) or -1,
+    ``path`` its torchvision module path (``layer4.1``).
+    """
 
     keras_index: int
     keras_name: str
     block: str
     index: int  # position in the torchvision Sequential
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What building a family's model once tells about it."""
+
+    layers: tuple[Layer, ...]
+    keys: dict[str, str]  # backbone state-dict key -> torchvision state-dict key
+    partial: str
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """How to build one backbone and name its layers."""
+    """How to build one backbone, name its parts and map its weights.
 
-    features: Callable[[], nn.Sequential]  # randomly initialised, as torchvision initialises it
-    model: Callable[..., nn.Module]  # the whole torchvision model (for its classifier)
-    weights_enum: type[torchvision.models.WeightsEnum] | None  # None: no ImageNet weights exist
-    layers: tuple[Layer, ...]
-    num_modules: int  # len(features)
+    Attributes:
+        model: The torchvision builder of the whole model (``weights=None`` gives it random).
+        weights_enum: Its torchvision weights enum; None: no ImageNet weights exist.
+        family: How to take the model apart (:mod:`tlfinetune.families`); None for VGG, whose
+            backbone is torchvision's ``features`` named by the Keras layer table.
+        cfg: VGG only: the ``torchvision.models.vgg.cfgs`` key.
+        batch_norm: VGG only: the ``_bn`` variant.
+    """
+
+    model: Callable[..., nn.Module]
+    weights_enum: type[torchvision.models.WeightsEnum] | None
+    family: Family | None = None
+    cfg: str = ""
+    batch_norm: bool = False
+
+    def features(self) -> nn.Sequential:
+        """A randomly initialised backbone, as torchvision initialises it."""
+        if self.family is None:
+            return _vgg_features(self.cfg, self.batch_norm)
+        units = self.family.units(self.model(weights=None))
+        return nn.Sequential(OrderedDict((u.name, u.module) for u in units))
+
+    @functools.cached_property
+    def _plan(self) -> _Plan:
+        if self.family is None:
+            layers, _ = vgg_layers(CFGS[self.cfg], self.batch_norm)
+            return _Plan(layers, {}, "block5")
+        model = self.model(weights=None)
+        units = self.family.units(model)
+        layers = tuple(
+            Layer(-1 if u.number is None else u.number, u.name, u.stage, i, u.path)
+            for i, u in enumerate(units)
+        )
+        # The backbone holds the model's own modules: the same tensor objects, other keys.
+        owner = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+        staged = nn.Sequential(OrderedDict((u.name, u.module) for u in units))
+        keys = {k: owner[id(t)] for k, t in staged.state_dict(keep_vars=True).items()}
+        return _Plan(layers, keys, self.family.partial(units))
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        """The places the backbone can be split at, in order."""
+        return self._plan.layers
+
+    @property
+    def num_modules(self) -> int:
+        """``len(backbone)``."""
+        if self.family is None:
+            return vgg_layers(CFGS[self.cfg], self.batch_norm)[1]
+        return len(self.layers)
+
+    @property
+    def partial(self) -> str:
+        """The stage the ``partial`` regime trains from (with everything after it)."""
+        return self._plan.partial
+
+    @property
+    def default_head(self) -> str:
+        """The head used when none is given: the seed's ``flatten`` for VGG, else ``gap``."""
+        return "flatten" if self.family is None else self.family.default_head
+
+    @property
+    def stages(self) -> list[str]:
+        """The stage (VGG: block) names, in order."""
+        layers = self.layers[1:] if self.family is None else self.layers  # VGG: not input_1
+        return list(dict.fromkeys(layer.block for layer in layers))
+
+    def split(self, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A torchvision state dict -> (backbone tensors re-keyed, the other tensors as they are).
+
+        The others are the classifier's (``classifier.0.weight``, ``fc.weight``), which the
+        ``torchvision`` head reuses.
+        """
+        if self.family is None:
+            inside = {k[len("features.") :]: v for k, v in raw.items() if k.startswith("features.")}
+            return inside, {k: v for k, v in raw.items() if not k.startswith("features.")}
+        raw = self.family.rename(raw)
+        keys = self._plan.keys
+        inside = {k: raw[t] for k, t in keys.items() if t in raw}
+        taken = set(keys.values())
+        return inside, {k: v for k, v in raw.items() if k not in taken}
 
 
 def vgg_layers(cfg: list[int | str], batch_norm: bool) -> tuple[tuple[Layer, ...], int]:
@@ -101,9 +198,7 @@ def _vgg_features(cfg: str, batch_norm: bool) -> nn.Sequential:
 
 
 def _vgg(model: Callable[..., nn.Module], weights_enum: Any, cfg: str, bn: bool) -> BackboneSpec:
-    layers, num_modules = vgg_layers(CFGS[cfg], bn)
-    features = functools.partial(_vgg_features, cfg, bn)
-    return BackboneSpec(features, model, weights_enum, layers, num_modules)
+    return BackboneSpec(model, weights_enum, cfg=cfg, batch_norm=bn)
 
 
 def _test_vgg16(*, weights: None = None) -> nn.Module:
@@ -126,6 +221,33 @@ def _test_vgg16(*, weights: None = None) -> nn.Module:
     return model
 
 
+# Every family's members that tlfinetune offers; each is torchvision's builder of that name.
+MEMBERS: dict[Family, tuple[str, ...]] = {
+    fam.RESNET: (
+        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+        "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
+    ),
+    fam.EFFICIENTNET: (
+        *(f"efficientnet_b{i}" for i in range(8)), "efficientnet_v2_s", "efficientnet_v2_m",
+    ),
+    fam.MOBILENET: ("mobilenet_v3_small", "mobilenet_v3_large"),
+    fam.CONVNEXT: ("convnext_tiny", "convnext_small", "convnext_base"),
+    fam.REGNET: (
+        "regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf", "regnet_y_3_2gf", "regnet_y_8gf",
+        "regnet_x_400mf", "regnet_x_1_6gf",
+    ),
+    fam.DENSENET: ("densenet121", "densenet169", "densenet201"),
+    fam.VIT: ("vit_b_16", "vit_b_32"),
+    fam.SWIN: ("swin_t", "swin_s", "swin_b"),
+}  # fmt: skip
+
+
+def _member(family: Family, name: str) -> BackboneSpec:
+    return BackboneSpec(
+        tv_models.get_model_builder(name), tv_models.get_model_weights(name), family
+    )
+
+
 BACKBONES: dict[str, BackboneSpec] = {
     "vgg11": _vgg(tv_vgg.vgg11, tv_vgg.VGG11_Weights, "A", False),
     "vgg11_bn": _vgg(tv_vgg.vgg11_bn, tv_vgg.VGG11_BN_Weights, "A", True),
@@ -135,7 +257,13 @@ BACKBONES: dict[str, BackboneSpec] = {
     "vgg16_bn": _vgg(tv_vgg.vgg16_bn, tv_vgg.VGG16_BN_Weights, "D", True),
     "vgg19": _vgg(tv_vgg.vgg19, tv_vgg.VGG19_Weights, "E", False),
     "vgg19_bn": _vgg(tv_vgg.vgg19_bn, tv_vgg.VGG19_BN_Weights, "E", True),
-    "test_vgg16": _vgg(_test_vgg16, None, "D/16", False),  # test-only: see the module docstring
+    **{name: _member(family, name) for family, names in MEMBERS.items() for name in names},
+    # test-only stand-ins: see the module docstring and tlfinetune.families
+    "test_vgg16": _vgg(_test_vgg16, None, "D/16", False),
+    "test_convnext": BackboneSpec(fam.test_convnext, None, fam.CONVNEXT),
+    "test_densenet": BackboneSpec(fam.test_densenet, None, fam.DENSENET),
+    "test_vit": BackboneSpec(fam.test_vit, None, fam.VIT),
+    "test_swin": BackboneSpec(fam.test_swin, None, fam.SWIN),
 }
 
 
@@ -144,32 +272,46 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
+        choices = ", ".join(n for n in BACKBONES if not n.startswith("test_"))
         raise ConfigError(
-            f"Unknown backbone {name!r}. Choose one of: {', '.join(BACKBONES)}."
+            f"Unknown backbone {name!r}. Choose one of: {choices} (`python -m tlfinetune "
+            f"backbones` describes them)."
         ) from None
 
 
+def family_name(name: str) -> str:
+    """The family of backbone ``name`` (``vgg``, ``resnet``, ...)."""
+    family = get_spec(name).family
+    return "vgg" if family is None else family.name
+
+
 def build_backbone(name: str) -> nn.Sequential:
-    """A randomly initialised backbone (torchvision's ``features``) without its classifier."""
+    """A randomly initialised backbone (without the model's classifier) as a Sequential."""
     return get_spec(name).features()
 
 
 def build_classifier(name: str) -> nn.Module:
-    """The original torchvision classifier of ``name`` (for the ``torchvision`` head)."""
+    """The original torchvision VGG classifier of ``name`` (for the ``torchvision`` head)."""
     return get_spec(name).model(weights=None).classifier
 
 
-def resolve_unfreeze_from(name: str, spec: int | str) -> int:
-    """Translate a Keras layer index/name or a block name into a torchvision module index.
+def resolve_unfreeze_from(name: str, spec: int | str | None) -> int:
+    """Translate a stage/layer name, number or module path into a backbone module index.
 
     Everything at or after the returned index trains; everything before it is frozen.
+    ``None`` is the backbone's ``partial`` stage (``block5`` for VGG, ``layer4`` for ResNet).
 
     >>> resolve_unfreeze_from("vgg16", 15), resolve_unfreeze_from("vgg16", "block5_conv1")
     (24, 24)
     """
-    layers = get_spec(name).layers
+    backbone = get_spec(name)
+    if spec is None:
+        spec = backbone.partial
     if isinstance(spec, str) and spec.strip().lstrip("-").isdigit():
         spec = int(spec)
+    if backbone.family is not None:
+        return _resolve_unit(name, backbone, spec)
+    layers = backbone.layers
     if isinstance(spec, int):
         if 0 <= spec < len(layers):
             return layers[spec].index
@@ -181,7 +323,7 @@ def resolve_unfreeze_from(name: str, spec: int | str) -> int:
     for layer in layers:
         if spec in (layer.keras_name, layer.block):  # a block starts at its first layer
             return layer.index
-    names = ", ".join(dict.fromkeys(x.block for x in layers[1:]))
+    names = ", ".join(backbone.stages)
     raise ConfigError(
         f"unfreeze_from={spec!r} names no layer of {name}. Use a block ({names}), a Keras "
         f"layer name such as 'block5_conv1' or 'block4_pool', or a Keras layer index "
@@ -189,10 +331,43 @@ def resolve_unfreeze_from(name: str, spec: int | str) -> int:
     )
 
 
+def _resolve_unit(name: str, backbone: BackboneSpec, spec: int | str) -> int:
+    layers = backbone.layers
+    numbers = [layer for layer in layers if layer.keras_index >= 0]
+    if isinstance(spec, int):
+        for layer in numbers:
+            if layer.keras_index == spec:
+                return layer.index
+    else:
+        for layer in layers:  # a stage starts at its first unit
+            if spec in (layer.keras_name, layer.block, layer.path):
+                return layer.index
+        for layer in layers:  # a torchvision container of units (features.6, layer4)
+            if layer.path.startswith(spec + "."):
+                return layer.index
+        inside = [layer for layer in layers if spec.startswith(layer.path + ".")]
+        if inside:
+            unit, after = inside[0], layers[inside[0].index + 1 : inside[0].index + 2]
+            raise ConfigError(
+                f"unfreeze_from={spec!r} is inside {inside[0].path} ({unit.keras_name}), and "
+                f"{name} is split at whole units: use {unit.keras_name!r}"
+                + (f" or the next one, {after[0].keras_name!r}." if after else ".")
+            )
+    number = f", an encoder layer number (0-{len(numbers) - 1})" if numbers else ""
+    example = layers[-2] if len(layers) > 1 else layers[0]
+    raise ConfigError(
+        f"unfreeze_from={spec!r} names no part of {name}. Use a stage "
+        f"({', '.join(backbone.stages)}), a unit such as {example.keras_name!r} or its "
+        f"torchvision module path {example.path!r}{number}; `python -m tlfinetune backbones "
+        f"{name}` lists them."
+    )
+
+
 def block_of(name: str, index: int) -> str:
-    """The block that torchvision module ``index`` belongs to."""
-    block = "block1"
-    for layer in get_spec(name).layers[1:]:
+    """The block (stage) that backbone module ``index`` belongs to."""
+    layers = get_spec(name).layers
+    block = layers[0].block
+    for layer in layers:
         if layer.index <= index:
             block = layer.block
     return block
@@ -202,16 +377,16 @@ def block_of(name: str, index: int) -> str:
 
 
 def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
-    """The ImageNet weights torchvision publishes for ``name``."""
+    """The ImageNet weights torchvision publishes for ``name`` (its enum's ``DEFAULT``)."""
     spec = get_spec(name)
     if spec.weights_enum is None:
         raise WeightsError(
-            f"{name} has no ImageNet weights: it is a test-only stand-in with VGG16's layout and "
-            f"a fraction of its channels. Pass --model.weights none, or a tlfinetune checkpoint "
+            f"{name} has no ImageNet weights: it is a test-only stand-in with the layout of its "
+            f"family and a fraction of its size. Pass --model.weights none, or a tlfinetune checkpoint "
             f"or weights file made for {name}; for pretrained weights choose a real backbone "
             f"such as vgg16."
         )
-    return spec.weights_enum.IMAGENET1K_V1
+    return spec.weights_enum.DEFAULT
 
 
 def imagenet_cache_file(name: str) -> Path:
@@ -288,18 +463,24 @@ def read_weights_file(path: str | Path) -> dict[str, Any]:
         ) from None
 
 
-def backbone_state_dict(raw: dict[str, Any], source: str | Path) -> dict[str, torch.Tensor]:
+def backbone_state_dict(
+    raw: dict[str, Any], source: str | Path, name: str = "vgg16"
+) -> dict[str, torch.Tensor]:
     """The backbone tensors of a torchvision state dict or a tlfinetune checkpoint, re-keyed."""
     if "state_dict" in raw and isinstance(raw["state_dict"], dict):  # a Lightning checkpoint
-        prefix, tensors = "backbone.", raw["state_dict"]
+        tensors = raw["state_dict"]
+        found = {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}
+        expected = "keys like backbone.0.weight"
     else:
-        prefix, tensors = "features.", raw
-    found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        tensors = raw
+        found = get_spec(name).split(raw)[0]
+        first = next(iter(get_spec(name)._plan.keys.values()), "features.0.weight")
+        expected = f"a torchvision {name} state dict (keys like {first})"
     if not found:
         some = ", ".join(list(tensors)[:4])
         raise WeightsError(
-            f"Weights file {source} has no '{prefix}*' tensors (it has e.g. {some}). Expected a "
-            f"torchvision VGG state dict (keys like features.0.weight) or a tlfinetune checkpoint."
+            f"Weights file {source} has no tensors of {name}'s backbone (it has e.g. {some}). "
+            f"Expected {expected} or a tlfinetune checkpoint."
         )
     return found
 
@@ -342,9 +523,10 @@ class LoadedWeights:
 
     Attributes:
         origin: One line saying where the weights came from (logged, kept in checkpoints).
-        classifier: The pretrained classifier's tensors, keyed as in the torchvision model's
-            ``classifier`` (``"0.weight"``, ...), for the ``torchvision`` head; empty when the
-            weights are random or come from a tlfinetune checkpoint (its head is not reused).
+        classifier: The pretrained tensors outside the backbone (the classifier's), keyed as
+            in the torchvision model (``"classifier.0.weight"``, ``"fc.weight"``), for the
+            ``torchvision`` head; empty when the weights are random or come from a tlfinetune
+            checkpoint (its head is not reused).
     """
 
     origin: str
@@ -364,13 +546,10 @@ def load_weights(backbone: nn.Module, name: str, weights: str) -> LoadedWeights:
         raw, origin = load_imagenet_state_dict(name), f"imagenet ({imagenet_cache_file(name)})"
     else:
         raw, origin = read_weights_file(source), source
-    load_backbone_weights(backbone, name, backbone_state_dict(raw, source), source)
+    load_backbone_weights(backbone, name, backbone_state_dict(raw, source, name), source)
     if "state_dict" in raw:  # a tlfinetune checkpoint: its head is for other classes
         return LoadedWeights(origin, {})
-    classifier = {
-        k.removeprefix("classifier."): v for k, v in raw.items() if k.startswith("classifier.")
-    }
-    return LoadedWeights(origin, classifier)
+    return LoadedWeights(origin, get_spec(name).split(raw)[1])
 
 
 def feature_shape(backbone: nn.Module, name: str, image_size: int) -> tuple[int, int, int]:
@@ -378,8 +557,23 @@ def feature_shape(backbone: nn.Module, name: str, image_size: int) -> tuple[int,
 
     Measured with a zero image, as Keras derives it, rather than computed from the architecture.
     """
-    with torch.no_grad():
-        c, h, w = backbone(torch.zeros(1, 3, image_size, image_size)).shape[1:]
+    c, h, w = probe(backbone, image_size).shape[1:]
     if h == 0 or w == 0:
         raise ConfigError(f"image_size={image_size} is too small for {name}: use 32 or more.")
     return int(c), int(h), int(w)
+
+
+def probe(module: nn.Module, image_size: int) -> torch.Tensor:
+    """``module``'s output for one zero image, run as in inference, modes left as they were.
+
+    In training mode the probe would move BatchNorm's running statistics towards a zero image's,
+    and BatchNorm refuses a batch of one 1x1 map.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    device = next(module.parameters()).device
+    try:
+        with torch.no_grad():
+            return module.eval()(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -50,6 +50,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, default_collate
 
+from tlfinetune.backbone import probe
 from tlfinetune.sampling import ResumableDataLoader
 
 log = logging.getLogger(__name__)
@@ -357,9 +358,7 @@ class FeatureCache(pl.Callback):
         if start == 0:
             return False
         size = self._module.hparams.image_size or self._trainer.datamodule.image_size
-        with torch.no_grad():
-            device = next(self._module.backbone.parameters()).device
-            out = self._module.backbone[:start](torch.zeros(1, 3, size, size, device=device))
+        out = probe(self._module.backbone[:start], size)
         return out.numel() < 3 * size * size  # else reading images is cheaper than the cache
 
     # --- building ----------------------------------------------------------------------------

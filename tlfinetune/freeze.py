@@ -13,7 +13,9 @@ The Keras recipe freezes layers with ``layer.trainable = False``. Here the same 
   (gradual unfreezing as in fastai's ``fine_tune`` and ULMFiT). Layers never freeze again.
 
 ``unfreeze_from`` accepts a Keras layer index, a Keras layer name or a block name; the table that
-maps them to torchvision's module indices is in :mod:`tlfinetune.backbone`.
+maps them to torchvision's module indices is in :mod:`tlfinetune.backbone`. Other families
+(ResNet, EfficientNet, ConvNeXt, ViT...) take their own stage names, unit names or torchvision
+module paths (:mod:`tlfinetune.families`); ``partial`` there trains the last stage.
 
 Why this is a plain callback and not Lightning's ``BaseFinetuning`` / ``BackboneFinetuning``:
 
@@ -55,7 +57,9 @@ Regime = Literal["frozen", "partial", "full"]
 REGIMES: tuple[str, ...] = get_args(Regime)  # the one list of regimes (compare, CLI, messages)
 
 
-def regime_start(regime: str, backbone: str, unfreeze_from: int | str, num_modules: int) -> int:
+def regime_start(
+    regime: str, backbone: str, unfreeze_from: int | str | None, num_modules: int
+) -> int:
     """First backbone module index that trains in ``regime`` (``num_modules``: none does).
 
     ``unfreeze_from`` is resolved whatever the regime, so a typo in it fails in every regime.
@@ -73,9 +77,13 @@ class FreezeSchedule(pl.Callback):
     Args:
         regime: ``frozen`` (only the head trains), ``partial`` (the backbone trains from
             ``unfreeze_from`` on) or ``full`` (everything trains).
-        unfreeze_from: where the trainable part starts in the ``partial`` regime: a Keras VGG16
-            layer index (``15`` as in the seed's ``layers[15:]``), a Keras layer name
-            (``block5_conv1``, ``block4_pool``) or a block name (``block5``).
+        unfreeze_from: where the trainable part starts in the ``partial`` regime. For VGG a
+            Keras layer index (``15`` as in the seed's ``layers[15:]``), a Keras layer name
+            (``block5_conv1``, ``block4_pool``) or a block name (``block5``); for the other
+            families a stage name (ResNet ``layer4``, EfficientNet ``stage7``, ViT
+            ``encoder_layer_11`` or ``11``), a unit name (``layer4_1``) or a torchvision module
+            path (``layer4.1``). Left out: the backbone's last stage (VGG ``block5``, ResNet
+            ``layer4``; :mod:`tlfinetune.families` lists them).
         milestones: ``{epoch: unfreeze_from}``; at the start of each epoch listed, the backbone
             trains from that layer on. Each milestone must unfreeze more than the one before.
         backbone_lr_ratio: learning rate of every backbone layer that trains, relative to the
@@ -93,7 +101,7 @@ class FreezeSchedule(pl.Callback):
     def __init__(
         self,
         regime: Regime = "frozen",
-        unfreeze_from: int | str = "block5",
+        unfreeze_from: int | str | None = None,
         milestones: dict[int, int | str] | None = None,
         backbone_lr_ratio: float = 0.1,
     ) -> None:

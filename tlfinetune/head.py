@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tlfinetune.backbone import build_classifier
+from tlfinetune.backbone import build_classifier, get_spec
 from tlfinetune.errors import ConfigError
 
 HeadName = Literal["flatten", "gap", "torchvision"]
@@ -59,6 +59,29 @@ def torchvision_head(
     return nn.Sequential(nn.AdaptiveAvgPool2d((7, 7)), nn.Flatten(), *classifier)
 
 
+def family_head(
+    backbone: str, num_classes: int, pretrained: Mapping[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """The ``torchvision`` head of ``backbone``: what its torchvision model runs after the
+    backbone (pooling, flatten, classifier), with a new last layer of ``num_classes`` outputs.
+
+    ``pretrained`` (the tensors outside the backbone from the same weights file, keyed as in
+    the torchvision model) fills every layer but the last: VGG's fc6 and fc7, ConvNeXt's
+    LayerNorm, MobileNetV3's first linear layer.
+    """
+    spec = get_spec(backbone)
+    pretrained = dict(pretrained or {})
+    if spec.family is None:  # VGG: AdaptiveAvgPool2d((7, 7)) and the classifier Sequential
+        classifier = {k[11:]: v for k, v in pretrained.items() if k.startswith("classifier.")}
+        return torchvision_head(build_classifier(backbone), num_classes, classifier)
+    model = spec.model(weights=None)
+    last = spec.family.last + "."
+    keep = {k: v for k, v in pretrained.items() if not k.startswith(last)}
+    model.load_state_dict(keep, strict=False)  # keep holds exactly the model's non-backbone keys
+    *parts, old = spec.family.head(model)
+    return nn.Sequential(*parts, nn.Linear(old.in_features, num_classes))
+
+
 def build_head(
     spec: HeadName | HeadFactory,
     feature_shape: tuple[int, int, int],
@@ -72,7 +95,8 @@ def build_head(
     """The head ``spec`` names, for a backbone feature map of ``feature_shape`` ``(C, H, W)``.
 
     Args:
-        spec: ``flatten``, ``gap``, ``torchvision`` or a factory ``(C*H*W, num_classes)``.
+        spec: ``flatten``, ``gap``, ``torchvision`` (:func:`family_head`) or a factory
+            ``(C*H*W, num_classes)``.
         feature_shape: The backbone's feature map of one image, ``(C, H, W)``.
         num_classes: Outputs of the head.
         hidden: Width of the ``flatten`` head's hidden layer.
@@ -86,7 +110,7 @@ def build_head(
     if spec == "gap":
         return gap_head(c, num_classes, dropout)
     if spec == "torchvision":
-        return torchvision_head(build_classifier(backbone), num_classes, pretrained_classifier)
+        return family_head(backbone, num_classes, pretrained_classifier)
     if callable(spec):
         return spec(c * h * w, num_classes)
     raise ConfigError(f"head={spec!r} is not one of: flatten, gap, torchvision, or a class_path.")

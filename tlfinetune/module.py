@@ -1,7 +1,7 @@
 """TransferClassifier: a pretrained backbone plus a new head, with loss, metrics and optimizer.
 
 An image batch flows: uint8 (N, 3, H, W) -> normalise with the weights' mean/std -> backbone
-(N, 512, H/32, W/32) -> head -> logits (N, num_classes). Normalisation lives here, not in the
+(N, C, H/32, W/32; VGG16: C = 512) -> head -> logits (N, num_classes). Normalisation lives here, not in the
 data pipeline, so a checkpoint or an exported model carries it.
 """
 
@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
+from torchvision.ops import StochasticDepth
 
 from tlfinetune import backbone as bb
 from tlfinetune.balance import ClassWeights, resolve_class_weights
@@ -36,9 +37,12 @@ from tlfinetune.tta import averaged_logits
 
 log = logging.getLogger(__name__)
 
+# Modules that draw random numbers in training mode; in a frozen part they run as in inference.
+_STOCHASTIC = (nn.modules.dropout._DropoutNd, StochasticDepth)
+
 
 class TransferClassifier(pl.LightningModule):
-    """A torchvision VGG backbone with a replaceable head, trained by Lightning.
+    """A torchvision backbone (VGG16 by default) with a replaceable head, trained by Lightning.
 
     Which backbone layers train is decided by a :class:`~tlfinetune.freeze.FreezeSchedule`
     callback; without one in the Trainer, ``FreezeSchedule()`` (whole backbone frozen) is used.
@@ -46,16 +50,18 @@ class TransferClassifier(pl.LightningModule):
     Args:
         num_classes: number of classes; read from the datamodule when left out.
         class_names: names of the classes in label order; read from the datamodule when left out.
-        backbone: torchvision VGG variant (``vgg11``, ``vgg13``, ``vgg16``, ``vgg19``, each also
-            ``_bn``).
+        backbone: a torchvision classifier: a VGG variant (``vgg11``..``vgg19``, each also
+            ``_bn``) or a member of another family (``resnet50``, ``efficientnet_b0``,
+            ``convnext_tiny``, ``vit_b_16``...; ``python -m tlfinetune backbones`` lists them).
         weights: ``imagenet`` (torchvision's weights, downloaded or from its cache), ``none``
             (random init), or the path of a torchvision-format ``.pth``/``.safetensors`` state
             dict or of a tlfinetune checkpoint (its backbone is reused, not its head).
         image_size: side of the square input images; sizes the head. Read from the datamodule
             when left out.
         head: ``flatten`` (the seed's Flatten-Dense(256)-Dense(num_classes)), ``gap`` (global
-            average pooling + linear), ``torchvision`` (VGG's own classifier with a new last
-            layer), or a factory ``(in_features, num_classes) -> nn.Module`` given by class_path.
+            average pooling + linear), ``torchvision`` (the model's own classifier with a new
+            last layer), or a factory ``(in_features, num_classes) -> nn.Module`` given by
+            class_path. Left out: ``flatten`` for VGG, ``gap`` for the other families.
         head_hidden: width of the ``flatten`` head's hidden layer.
         head_dropout: dropout before the head's last layer.
         optimizer: optimizer factory; the seed's Adam by default.
@@ -87,7 +93,7 @@ class TransferClassifier(pl.LightningModule):
         backbone: str = "vgg16",
         weights: str = "imagenet",
         image_size: int | None = None,
-        head: HeadName | HeadFactory = "flatten",
+        head: HeadName | HeadFactory | None = None,
         head_hidden: int = 256,
         head_dropout: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -102,8 +108,12 @@ class TransferClassifier(pl.LightningModule):
         super().__init__()
         # Callables are not plain data: keeping them out of the checkpoint keeps it loadable
         # with weights_only=True. (From the CLI, hparams are the config, class paths included.)
-        ignore = ["optimizer", "lr_scheduler"] + ([] if isinstance(head, str) else ["head"])
+        factory = not (head is None or isinstance(head, str))
+        ignore = ["optimizer", "lr_scheduler"] + (["head"] if factory else [])
         self.save_hyperparameters(ignore=ignore)
+        if head is None:  # the family's default, recorded so checkpoints name it
+            head = bb.get_spec(backbone).default_head
+            self._fill_hparams(head=head)
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ConfigError(
                 f"class_names has {len(class_names)} names but num_classes={num_classes}."
@@ -252,7 +262,7 @@ class TransferClassifier(pl.LightningModule):
         return len(self.backbone)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised images -> backbone feature map (N, 512, H/32, W/32)."""
+        """Normalised images -> backbone feature map (N, C, H/32, W/32)."""
         k = self.frozen_prefix()
         if k and torch.is_grad_enabled():
             # The frozen prefix needs no autograd graph: a frozen step costs about one forward.
@@ -276,11 +286,18 @@ class TransferClassifier(pl.LightningModule):
         return self.head(self.features(self.normalize(x)))
 
     def train(self, mode: bool = True) -> TransferClassifier:
-        """Like ``nn.Module.train``, but frozen BatchNorm stays in eval mode (Keras semantics)."""
+        """Like ``nn.Module.train``, but frozen parts behave as in inference (Keras semantics).
+
+        Frozen BatchNorm keeps its running statistics; dropout and stochastic depth in the
+        frozen prefix do not run, so the prefix computes exactly what the feature cache serves.
+        """
         super().train(mode)
         if mode:
             for m in self.backbone.modules():
                 if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                    m.eval()
+            for m in self.backbone[: self.frozen_prefix()].modules():
+                if isinstance(m, _STOCHASTIC):
                     m.eval()
         return self
 
@@ -289,7 +306,7 @@ class TransferClassifier(pl.LightningModule):
     def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
         if isinstance(batch, CachedBatch):  # backbone[:start] already ran, once, in the cache
             x, y = batch.features, batch.labels
-            if self.hparams.channels_last:
+            if self.hparams.channels_last and x.dim() == 4:  # ViT's tokens are (N, T, C)
                 x = x.contiguous(memory_format=torch.channels_last)
             logits = self.head(self.backbone[batch.start :](x))
         else:  # (images, labels), or an ImageBatch that also carries positions for the cache
