@@ -382,9 +382,9 @@ def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
     if spec.weights_enum is None:
         raise WeightsError(
             f"{name} has no ImageNet weights: it is a test-only stand-in with the layout of its "
-            f"family and a fraction of its size. Pass --model.weights none, or a tlfinetune checkpoint "
-            f"or weights file made for {name}; for pretrained weights choose a real backbone "
-            f"such as vgg16."
+            f"family and a fraction of its size. Pass --model.weights none, or a tlfinetune "
+            f"checkpoint or weights file made for {name}; for pretrained weights choose a real "
+            f"backbone such as vgg16."
         )
     return spec.weights_enum.DEFAULT
 

@@ -245,8 +245,10 @@ _DENSE_KEY = re.compile(
 
 
 def densenet_rename(raw: dict[str, Any]) -> dict[str, Any]:
-    """The published DenseNet files say ``norm.1``; the modules are ``norm1`` (as torchvision's
-    own loader fixes them)."""
+    """Rename the published DenseNet files' ``norm.1`` keys to the modules' ``norm1``.
+
+    torchvision's own DenseNet loader does the same.
+    """
     out = {}
     for key, value in raw.items():
         match = _DENSE_KEY.match(key)

@@ -62,8 +62,9 @@ def torchvision_head(
 def family_head(
     backbone: str, num_classes: int, pretrained: Mapping[str, torch.Tensor] | None = None
 ) -> nn.Module:
-    """The ``torchvision`` head of ``backbone``: what its torchvision model runs after the
-    backbone (pooling, flatten, classifier), with a new last layer of ``num_classes`` outputs.
+    """The ``torchvision`` head of ``backbone``, with a new last layer of ``num_classes`` outputs.
+
+    It is what the torchvision model runs after the backbone: pooling, flatten, classifier.
 
     ``pretrained`` (the tensors outside the backbone from the same weights file, keyed as in
     the torchvision model) fills every layer but the last: VGG's fc6 and fc7, ConvNeXt's

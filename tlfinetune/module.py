@@ -1,8 +1,8 @@
 """TransferClassifier: a pretrained backbone plus a new head, with loss, metrics and optimizer.
 
 An image batch flows: uint8 (N, 3, H, W) -> normalise with the weights' mean/std -> backbone
-(N, C, H/32, W/32; VGG16: C = 512) -> head -> logits (N, num_classes). Normalisation lives here, not in the
-data pipeline, so a checkpoint or an exported model carries it.
+(N, C, H/32, W/32; VGG16: C = 512) -> head -> logits (N, num_classes). Normalisation lives
+here, not in the data pipeline, so a checkpoint or an exported model carries it.
 """
 
 from __future__ import annotations
