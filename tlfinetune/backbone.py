@@ -312,6 +312,9 @@ def resolve_unfreeze_from(name: str, spec: int | str | None) -> int:
     if backbone.family is not None:
         return _resolve_unit(name, backbone, spec)
     layers = backbone.layers
+    path = spec.removeprefix("features.") if isinstance(spec, str) else ""
+    if path.isdigit() and int(path) < backbone.num_modules:  # a torchvision path: features.24
+        return int(path)
     if isinstance(spec, int):
         if 0 <= spec < len(layers):
             return layers[spec].index
@@ -326,8 +329,8 @@ def resolve_unfreeze_from(name: str, spec: int | str | None) -> int:
     names = ", ".join(backbone.stages)
     raise ConfigError(
         f"unfreeze_from={spec!r} names no layer of {name}. Use a block ({names}), a Keras "
-        f"layer name such as 'block5_conv1' or 'block4_pool', or a Keras layer index "
-        f"(0-{len(layers) - 1})."
+        f"layer name such as 'block5_conv1' or 'block4_pool', a Keras layer index "
+        f"(0-{len(layers) - 1}) or a torchvision path (features.24)."
     )
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m tlfinetune {fit,validate,test,predict,export,compare,lr_find}``.
+"""Command line: ``python -m tlfinetune {fit,test,predict,export,compare,lr_find,backbones,...}``.
 
 fit/validate/test/predict are LightningCLI subcommands over TransferClassifier and
 ImageDataModule, with the FreezeSchedule as its own argument group (``--freeze.*``). Every run of
@@ -336,7 +336,7 @@ def read_hparams(path: Path) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if not k.startswith("_")}
 
 
-EXTRA_COMMANDS = ("export", "compare", "lr_find")
+EXTRA_COMMANDS = ("export", "compare", "lr_find", "backbones")
 # Lightning warnings that do not apply to how this CLI uses it.
 NOISE = (
     ".*callbacks used to create the checkpoint need to be provided.*",
