@@ -105,8 +105,11 @@ class BackboneSpec:
         if self.family is None:
             layers, _ = vgg_layers(CFGS[self.cfg], self.batch_norm)
             return _Plan(layers, {}, "block5")
-        model = self.model(weights=None)
-        units = self.family.units(model)
+        # On the meta device: no memory, no time, and no draw from the global random generator
+        # (a seeded run must not depend on whether this was computed before).
+        with torch.device("meta"):
+            model = self.model(weights=None)
+            units = self.family.units(model)
         layers = tuple(
             Layer(-1 if u.number is None else u.number, u.name, u.stage, i, u.path)
             for i, u in enumerate(units)
@@ -493,6 +496,10 @@ def load_backbone_weights(
 ) -> None:
     """Copy ``state`` into ``backbone``, or explain exactly which tensors do not fit."""
     own = backbone.state_dict()
+    # Files saved before PyTorch 0.4.1 (torchvision's DenseNet, early ResNets) have no BatchNorm
+    # step counters; BatchNorm's own loader starts them at 0.
+    counters = {k: torch.zeros_like(v) for k, v in own.items() if k.endswith("num_batches_tracked")}
+    state = {**{k: v for k, v in counters.items() if k not in state}, **state}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [

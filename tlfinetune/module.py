@@ -23,7 +23,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
-from torchvision.ops import StochasticDepth
 
 from tlfinetune import backbone as bb
 from tlfinetune.balance import ClassWeights, resolve_class_weights
@@ -36,9 +35,6 @@ from tlfinetune.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tlfinetune.tta import averaged_logits
 
 log = logging.getLogger(__name__)
-
-# Modules that draw random numbers in training mode; in a frozen part they run as in inference.
-_STOCHASTIC = (nn.modules.dropout._DropoutNd, StochasticDepth)
 
 
 class TransferClassifier(pl.LightningModule):
@@ -288,17 +284,16 @@ class TransferClassifier(pl.LightningModule):
     def train(self, mode: bool = True) -> TransferClassifier:
         """Like ``nn.Module.train``, but frozen parts behave as in inference (Keras semantics).
 
-        Frozen BatchNorm keeps its running statistics; dropout and stochastic depth in the
-        frozen prefix do not run, so the prefix computes exactly what the feature cache serves.
+        Frozen BatchNorm keeps its running statistics; the whole frozen prefix runs in eval
+        mode, so its dropout (also the attention dropout inside ``nn.MultiheadAttention``) and
+        stochastic depth do not run and it computes exactly what the feature cache serves.
         """
         super().train(mode)
         if mode:
             for m in self.backbone.modules():
                 if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters()):
                     m.eval()
-            for m in self.backbone[: self.frozen_prefix()].modules():
-                if isinstance(m, _STOCHASTIC):
-                    m.eval()
+            self.backbone[: self.frozen_prefix()].eval()
         return self
 
     # --- steps ---------------------------------------------------------------------------------
