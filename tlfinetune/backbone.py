@@ -1,8 +1,11 @@
 """Backbones: torchvision models as a stack of layers, their Keras layer names, and their weights.
 
 The table below is data: each entry says which torchvision builder makes the model, which weights
-enum holds its ImageNet weights, and how its layers are named in Keras. A new family (ResNet,
-EfficientNet, ConvNeXt) is a new entry plus its layer table, not a rewrite.
+enum holds its ImageNet weights, and how its parts are named: VGG by its Keras layer table, the
+other families (ResNet, EfficientNet, MobileNetV3, ConvNeXt, RegNet, DenseNet, ViT, Swin) by one
+function each in :mod:`tlfinetune.families` that takes the torchvision model apart into named
+stages. Every backbone is an ``nn.Sequential``, so "train from module index k" and the feature
+cache's frozen prefix mean the same thing in every family.
 
 Keras' ``VGG16(include_top=False)`` has 19 layers; torchvision's ``vgg16().features`` has 31
 modules, because torchvision keeps each ReLU as its own module::
@@ -105,9 +108,10 @@ class BackboneSpec:
         if self.family is None:
             layers, _ = vgg_layers(CFGS[self.cfg], self.batch_norm)
             return _Plan(layers, {}, "block5")
-        # On the meta device: no memory, no time, and no draw from the global random generator
-        # (a seeded run must not depend on whether this was computed before).
-        with torch.device("meta"):
+        # Its random initialisation must not draw from the global generator: a seeded run must
+        # not depend on whether this was computed before. (Not on the meta device: RegNet
+        # computes its widths with tensors.)
+        with torch.random.fork_rng(devices=[]):
             model = self.model(weights=None)
             units = self.family.units(model)
         layers = tuple(
