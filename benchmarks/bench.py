@@ -192,7 +192,7 @@ def bench(
     regimes: str = "frozen,partial,full",
     backbone: str = "vgg16",
     weights: str = "none",
-    unfreeze_from: str = "block5",
+    unfreeze_from: str | None = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     output: str | None = "bench.md",
     peers: str = "torch",
@@ -216,11 +216,13 @@ def bench(
         images: number of synthetic training images to write (ignored with ``data``).
         epochs: epochs per fit; the first is reported apart from the later ones.
         regimes: comma-separated regimes to run: frozen, partial, full.
-        backbone: torchvision VGG variant.
+        backbone: any backbone tlfinetune takes (``python -m tlfinetune backbones``). The
+            ``torch`` peer puts the seed's Flatten head on it; tlfinetune uses the backbone's
+            default head (``gap`` outside VGG).
         weights: backbone weights (``none``, ``imagenet`` or a file); speed does not depend on
             them, and ``none`` needs no download.
-        unfreeze_from: where the ``partial`` regime starts training (block, Keras layer name or
-            index).
+        unfreeze_from: where the ``partial`` regime starts training (a stage, unit, Keras layer
+            name or index); default the backbone's last stage (VGG ``block5``, ResNet ``layer4``).
         device: ``auto`` takes CUDA when available.
         output: markdown file to write (none: print only).
         peers: comma-separated peers run in the same process: ``torch`` (a plain hand-written

@@ -28,7 +28,7 @@ class _Setting:
     epochs: int
     backbone: str
     weights: str
-    unfreeze_from: str
+    unfreeze_from: str | None
     device: torch.device
     num_workers: int | None
     seed: int
