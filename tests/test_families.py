@@ -1,7 +1,7 @@
 """Backbone families beyond VGG: stage names, freezing, the cache, weights, export, the command.
 
-One model per family, the smallest torchvision offers (ConvNeXt, DenseNet, ViT and Swin: a tiny
-member built with torchvision's own constructors, registered as ``test_*``), at 32 px.
+One model per family, the smallest torchvision offers (ConvNeXt, RegNet, DenseNet, ViT and Swin: a
+tiny member built with torchvision's own constructors, registered as ``test_*``), at 32 px.
 """
 
 import os
@@ -30,7 +30,7 @@ FAMILIES = {
     "efficientnet_b0": "stage6",
     "mobilenet_v3_small": "stage3",
     "test_convnext": "stage3",
-    "regnet_y_400mf": "block3",
+    "test_regnet": "block3",
     "test_densenet": "block3",
     "test_vit": "encoder_layer_0",
     "test_swin": "stage3",

@@ -47,7 +47,7 @@ from torchvision.models import vgg as tv_vgg
 
 from tlfinetune import families as fam
 from tlfinetune.errors import ConfigError, WeightsError
-from tlfinetune.families import Family
+from tlfinetune.families import Family, Unit
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,10 @@ class BackboneSpec:
         """A randomly initialised backbone, as torchvision initialises it."""
         if self.family is None:
             return _vgg_features(self.cfg, self.batch_norm)
-        units = self.family.units(self.model(weights=None))
+        model = self.model(weights=None)
+        units = self.family.units(model)
+        if "_plan" not in self.__dict__:  # the same model tells its names: no second build
+            self.__dict__["_plan"] = self._plan_of(model, units)
         return nn.Sequential(OrderedDict((u.name, u.module) for u in units))
 
     @functools.cached_property
@@ -113,7 +116,9 @@ class BackboneSpec:
         # computes its widths with tensors.)
         with torch.random.fork_rng(devices=[]):
             model = self.model(weights=None)
-            units = self.family.units(model)
+            return self._plan_of(model, self.family.units(model))
+
+    def _plan_of(self, model: nn.Module, units: list[Unit]) -> _Plan:
         layers = tuple(
             Layer(-1 if u.number is None else u.number, u.name, u.stage, i, u.path)
             for i, u in enumerate(units)
@@ -269,6 +274,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "test_vgg16": _vgg(_test_vgg16, None, "D/16", False),
     "test_convnext": BackboneSpec(fam.test_convnext, None, fam.CONVNEXT),
     "test_densenet": BackboneSpec(fam.test_densenet, None, fam.DENSENET),
+    "test_regnet": BackboneSpec(fam.test_regnet, None, fam.REGNET),
     "test_vit": BackboneSpec(fam.test_vit, None, fam.VIT),
     "test_swin": BackboneSpec(fam.test_swin, None, fam.SWIN),
 }

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import convnext, densenet, swin_transformer, vision_transformer
+from torchvision.models import convnext, densenet, regnet, swin_transformer, vision_transformer
 
 from tlfinetune.errors import ConfigError
 
@@ -159,6 +159,7 @@ def mobilenet_units(m: nn.Module) -> list[Unit]:
                 stage, size, i = stage + 1, x.shape[-1], 0
             units.append(Unit(f"stage{stage}_{i}", f"stage{stage}", f"features.{k}", f[k]))
             i += 1
+    f.train(m.training)  # the probe ran in eval mode; leave the modes as they were
     units.append(Unit("top", "top", f"features.{len(f) - 1}", f[-1]))
     return units
 
@@ -374,6 +375,14 @@ def test_swin(*, weights: None = None) -> nn.Module:
         patch_size=[4, 4], embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
         window_size=[4, 4], stochastic_depth_prob=0.2,
     )  # fmt: skip
+
+
+def test_regnet(*, weights: None = None) -> nn.Module:
+    """RegNetY's layout, 4 stages of 1 block, 8-64 channels, squeeze-excitation."""
+    params = regnet.BlockParams.from_init_params(
+        depth=4, w_0=8, w_a=16.0, w_m=1.5, group_width=8, se_ratio=0.25
+    )
+    return regnet.RegNet(params, stem_width=8)
 
 
 def test_densenet(*, weights: None = None) -> nn.Module:
