@@ -378,12 +378,12 @@ class FeatureCache(pl.Callback):
             getattr(dm, "seed", None),
         ):
             h.update(repr(part).encode())
-        for p in module.backbone[:start].state_dict().values():
-            h.update(memoryview(p.detach().cpu().contiguous().view(torch.uint8).numpy()))
+        for p in module.backbone[:start].state_dict().values():  # reshape: BN's 0-d counters
+            h.update(memoryview(p.detach().cpu().reshape(-1).view(torch.uint8).numpy()))
         for name in ("files", "images", "labels"):  # what the dataset is made of
             value = getattr(dataset, name, None)
             if isinstance(value, torch.Tensor):
-                h.update(value.contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
             elif value is not None:
                 h.update(repr(value).encode())
         return h.hexdigest()[:16]
