@@ -24,6 +24,9 @@ from tlfinetune.cache import FeatureCache
 from tlfinetune.errors import WeightsError
 from tlfinetune.freeze import regime_start, set_trainable_from
 
+# Tiny convolutions at 32 px: one compute thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # One member per family; the stage a test unfreezes from besides the default partial one.
 FAMILIES = {
     "resnet18": "layer3",
@@ -257,7 +260,7 @@ def test_export_of_a_convnext_matches_the_model(tmp_path):
 
 
 def test_backbones_command_lists_and_describes(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "tlfinetune", "backbones", "resnet50"],
         capture_output=True,
