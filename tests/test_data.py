@@ -307,6 +307,6 @@ def test_cli_exposes_typed_documented_arguments():
     assert cfg.data.root == "demo" and isinstance(cfg.data.root, str)
     assert cfg.data.max_image_pixels is None and cfg.data.augment is False
     defaults = parser.get_defaults().data
-    assert (defaults.image_size, defaults.batch_size, defaults.val_split) == (224, 32, 0.2)
+    assert (defaults.image_size, defaults.batch_size, defaults.val_split) == (None, 32, 0.2)
     assert (defaults.seed, defaults.augment, defaults.num_workers) == (0, True, None)
     assert defaults.max_image_pixels == Image.MAX_IMAGE_PIXELS

@@ -1,13 +1,22 @@
+import contextlib
+import csv
+import io
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tiny import TinyData, trainer
 
-from tlfinetune import ConfigError, FreezeSchedule, TransferClassifier
+from tlfinetune import ConfigError, FreezeSchedule, ImageDataModule, TransferClassifier
 from tlfinetune import export as ex
 from tlfinetune.export import ExportError, export, sidecar_path
+from tlfinetune.predict import PredictionWriter
+
+README = Path(__file__).parents[1] / "README.md"
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -19,6 +28,12 @@ def trained(tmp_path_factory):
     model = TransferClassifier(backbone="test_vgg16", weights="none")
     t = trainer(1, callbacks=[FreezeSchedule(regime="partial", unfreeze_from="block5")])
     t.fit(model, TinyData())
+    # As confident as a trained model (one epoch leaves the logits about 0.02 apart), so that
+    # 1e-4 on probabilities is a real test: Pillow's resize instead of torchvision's moves them
+    # 2e-4 (README, "Deploy an exported model").
+    last = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(30), last.bias.mul_(30)
     ckpt = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
     t.save_checkpoint(ckpt)
     return model, ckpt
@@ -28,6 +43,12 @@ def trained(tmp_path_factory):
 def loaded(trained):
     _, ckpt = trained
     return TransferClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def onnx_model(loaded, tmp_path_factory):
+    """The loaded checkpoint exported to ONNX once (the dynamo exporter takes seconds)."""
+    return export(loaded, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 def reference(model, x):
@@ -50,8 +71,8 @@ def test_checkpoint_loads_with_weights_only(trained, loaded):
     assert torch.allclose(reference(model, x), reference(loaded, x), atol=1e-6)
 
 
-def test_onnx_runs_in_onnxruntime_and_matches_the_model(loaded, tmp_path):
-    result = export(loaded, tmp_path / "model.onnx")
+def test_onnx_runs_in_onnxruntime_and_matches_the_model(loaded, onnx_model):
+    result = onnx_model
     assert result.format == "onnx" and "dynamo=True" in result.exporter  # not the legacy path
     assert result.metadata["opset"] >= 18
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
@@ -64,7 +85,7 @@ def test_onnx_runs_in_onnxruntime_and_matches_the_model(loaded, tmp_path):
         assert probs.shape == (batch, 3)
         np.testing.assert_allclose(probs, reference(loaded, x).numpy(), atol=1e-4)
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    assert not list(tmp_path.glob(".tlfinetune-export-*"))  # the staging folder is gone
+    assert not list(result.path.parent.glob(".tlfinetune-export-*"))  # staging folder gone
 
 
 def test_pt2_loads_back_and_matches_the_model(trained, tmp_path):
@@ -95,6 +116,84 @@ def test_sidecar_describes_the_model(loaded, tmp_path):
     assert meta["normalization"]["applied_inside_model"] is True
     assert meta["backbone"] == "test_vgg16"
     assert meta["output"]["shape"] == ["N", 3] and "probabilities" in meta["output"]["meaning"]
+    # What predict does before the model: VGG16's 256/224 shorter-side resize at 32 px, the crop
+    prep = meta["preprocessing"]
+    assert (prep["resize_size"], prep["resize_edge"], prep["crop_size"], prep["crop"]) == (
+        37,
+        "shorter",
+        32,
+        "center",
+    )
+    assert (prep["interpolation"], prep["antialias"]) == ("bilinear", True)
+    assert prep["decode"]["jpeg_draft"] == [64, 64]  # load_rgb(path, 32): draft at 2 x 32
+
+
+def readme_deployment_lines() -> str:
+    """The Python block of README's "Deploy an exported model" section, as written there."""
+    section = README.read_text().split("### Deploy an exported model", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def new_images(folder: Path) -> Path:
+    """Images as users have them: large JPEG, rotated JPEG, odd sizes, small, grayscale."""
+    rng = np.random.default_rng(0)
+
+    def pixels(h, w, channels=3):
+        coarse = rng.integers(0, 256, (h // 6 + 2, w // 6 + 2, channels), dtype=np.uint8)
+        smooth = Image.fromarray(coarse.squeeze()).resize((w, h), Image.Resampling.BICUBIC)
+        noise = rng.integers(-25, 25, (h, w, channels)).squeeze()
+        return np.clip(np.asarray(smooth, np.int16) + noise, 0, 255).astype(np.uint8)
+
+    folder.mkdir(parents=True)
+    # both sides >= 2 * 64: predict decodes it at half scale (Image.draft)
+    Image.fromarray(pixels(150, 210)).save(folder / "a_large.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to view
+    Image.fromarray(pixels(45, 70)).save(folder / "b_rotated.jpg", exif=exif.tobytes())
+    Image.fromarray(pixels(41, 50)).save(folder / "c_odd.png")  # odd crop offsets
+    Image.fromarray(pixels(20, 27)).save(folder / "d_small.png")  # enlarged to 37
+    Image.fromarray(pixels(60, 44, 1), "L").save(folder / "e_grey.png")
+    return folder
+
+
+def predicted_probabilities(model, images: Path, output: Path) -> dict[str, np.ndarray]:
+    """``predict`` on a folder (in float32, as the exported model runs): {file name: probs}."""
+    names = model.hparams.class_names
+    writer = PredictionWriter(output=str(output), top_k=len(names))
+    data = ImageDataModule(predict_dir=images, batch_size=8, num_workers=0)
+    trainer(callbacks=[writer]).predict(model, data, return_predictions=False)
+    out = {}
+    with open(output) as f:
+        for row in csv.DictReader(f):
+            probs = np.zeros(len(names))
+            for i in range(1, len(names) + 1):
+                probs[names.index(row[f"top{i}"])] = float(row[f"top{i}_probability"])
+            out[Path(row["path"]).name] = probs
+    return out
+
+
+def test_readme_deployment_lines_reproduce_predict(loaded, onnx_model, monkeypatch):
+    folder = onnx_model.path.parent  # model.onnx, model.onnx.json, and new images beside them
+    expected = predicted_probabilities(
+        loaded, new_images(folder / "new_images"), folder / "predictions.csv"
+    )
+    monkeypatch.chdir(folder)
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(readme_deployment_lines(), "README.md", "exec"), namespace)
+    names = [Path(p).name for p in namespace["paths"]]
+    assert sorted(names) == sorted(expected) and len(names) == 5
+    got = namespace["probabilities"]
+    assert got.max() > 0.5  # a model that prefers a class, as a trained one does
+    for name, row in zip(names, got, strict=True):
+        np.testing.assert_allclose(row, expected[name], atol=1e-4, rtol=0, err_msg=name)
+    assert "new_images/a_large.jpg" in printed.getvalue()
+
+    # The check can tell: the plain resize a new user tries first is far off predict's.
+    plain = [Image.open(p).convert("RGB").resize((32, 32)) for p in namespace["paths"]]
+    batch = np.stack([np.asarray(p, np.float32).transpose(2, 0, 1) / 255 for p in plain])
+    (naive,) = namespace["session"].run(None, {"images": batch})
+    assert np.abs(naive - got).max() > 1e-3
 
 
 def test_refuses_to_overwrite_unless_asked(loaded, tmp_path):

@@ -51,7 +51,16 @@ from tlfinetune.tta import TestTimeAugmentation
 log = logging.getLogger(__name__)
 
 # Architecture hyperparameters: always the checkpoint's, since its weights only fit them.
-ARCHITECTURE = ("backbone", "head", "head_hidden", "num_classes", "class_names", "image_size")
+# The preprocessing too: the weights were trained on images prepared that way.
+ARCHITECTURE = (
+    "backbone",
+    "head",
+    "head_hidden",
+    "num_classes",
+    "class_names",
+    "image_size",
+    "preprocessing",
+)
 
 
 class RunConfig(SaveConfigCallback):
@@ -161,6 +170,8 @@ class TLFinetuneCLI(LightningCLI):
         model, defaults = config.model, self._parser(sub).get_defaults().model
         apply = {}
         for key, value in hparams.items():
+            if key not in defaults:  # e.g. mean/std of checkpoints older than `preprocessing`
+                continue
             given = key in model and model[key] != defaults.get(key) and model[key] != value
             if given and key in ARCHITECTURE:
                 log.warning(

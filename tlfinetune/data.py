@@ -2,10 +2,12 @@
 
 Batches are ``(images, labels)`` with ``images`` a ``torch.uint8`` tensor of shape
 ``(B, 3, image_size, image_size)`` (RGB, *not* normalised: the model converts to float and
-normalises with :data:`~tlfinetune.transforms.IMAGENET_MEAN` and ``IMAGENET_STD``, so that
-checkpoints and exported models carry their own normalisation) and ``labels`` an ``int64``
-tensor. Predict batches are ``(images, indices)``, where ``indices`` are positions in
-:attr:`ImageDataModule.predict_files`.
+normalises with its weights' mean/std, so that checkpoints and exported models carry their own
+normalisation) and ``labels`` an ``int64`` tensor. How images are resized and cropped (and the
+default ``image_size``) is the model's weights' preset,
+:attr:`~tlfinetune.module.TransferClassifier.preprocessing`, read in
+:meth:`ImageDataModule.setup` from the model being trained. Predict batches are
+``(images, indices)``, where ``indices`` are positions in :attr:`ImageDataModule.predict_files`.
 
 Sources (exactly one of them):
 
@@ -51,7 +53,12 @@ from tlfinetune.mixing import BatchMix, MixMode
 from tlfinetune.sampling import BalancedSampler, EpochShuffleSampler, ResumableDataLoader
 from tlfinetune.scan import HeaderScan
 from tlfinetune.sources import Index, Split, index_csv, index_folder
-from tlfinetune.transforms import eval_transform, train_transform
+from tlfinetune.transforms import (
+    Preprocessing,
+    eval_transform,
+    train_transform,
+    weights_preprocessing,
+)
 
 __all__ = ["ImageDataModule"]
 
@@ -93,7 +100,11 @@ class ImageDataModule(pl.LightningDataModule):
         val_split: Fraction of each class held out for validation when the source has no
             validation split (stratified, fixed by ``seed``).
         seed: Seed of the train/validation split and of the training order.
-        image_size: Side length in pixels of the square images the model receives.
+        image_size: Side length in pixels of the square images the model receives; ``null``
+            (default): the model's (a checkpoint's), else its weights' crop size (224 for
+            VGG16, 300 for EfficientNet-B3, ...). Evaluation images are resized to the
+            weights' resize/crop ratio (VGG16: ``round(image_size * 256 / 224)``) with their
+            interpolation, then centre-cropped.
         batch_size: Images per batch.
         num_workers: DataLoader worker processes; ``null`` picks the cores training leaves
             free (:func:`~tlfinetune.machine.default_num_workers`): ``cpus - 1`` on a GPU (at
@@ -128,7 +139,7 @@ class ImageDataModule(pl.LightningDataModule):
         predict_dir: str | Path | None = None,
         val_split: float = 0.2,
         seed: int = 0,
-        image_size: int = 224,
+        image_size: int | None = None,
         batch_size: int = 32,
         num_workers: int | None = None,
         augment: bool = True,
@@ -162,7 +173,7 @@ class ImageDataModule(pl.LightningDataModule):
                 f"data.val_split must be a fraction between 0 and 1 (exclusive), got {val_split}."
             )
         for name, value, low in (("image_size", image_size, 1), ("batch_size", batch_size, 1)):
-            if int(value) < low:
+            if value is not None and int(value) < low:
                 raise DataError(f"data.{name} must be at least {low}, got {value}.")
         if num_workers is not None and num_workers < 0:
             raise DataError(f"data.num_workers must be >= 0 or null, got {num_workers}.")
@@ -185,7 +196,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.predict_dir = predict_dir
         self.val_split = float(val_split)
         self.seed = int(seed)
-        self.image_size = int(image_size)
+        self._requested_size = None if image_size is None else int(image_size)
+        self.image_size: int | None = self._requested_size  # known after setup when None
+        self.preprocessing: Preprocessing | None = None  # the model's preset, set in setup
         self.batch_size = int(batch_size)
         self.num_workers = num_workers
         self._workers_logged = False
@@ -485,11 +498,13 @@ class ImageDataModule(pl.LightningDataModule):
         Args:
             stage: ``fit``, ``validate``, ``test``, ``predict``, or ``None`` for all.
         """
-        evaluate = eval_transform(self.image_size)
+        preset = self._resolve_preprocessing()
+        evaluate = eval_transform(preset.crop_size, preset)
         if stage in (None, "fit") and self.train_dataset is None:
             train, _ = self._prepared_splits("train", "val")
             self.train_dataset = self._dataset(
-                train, train_transform(self.image_size, self.augment, self.trivial_augment)
+                train,
+                train_transform(preset.crop_size, self.augment, self.trivial_augment, preset),
             )
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             (val,) = self._prepared_splits("val")
@@ -512,6 +527,30 @@ class ImageDataModule(pl.LightningDataModule):
             self.predict_dataset = IndexedDataset(
                 self._dataset(self._predict_split, evaluate, predict=True)
             )
+
+    def _resolve_preprocessing(self) -> Preprocessing:
+        """The preset of the model being served, at ``image_size`` (or the model's size).
+
+        The model owns the preset (its weights' ``transforms()``, or a checkpoint's); without a
+        trainer or a model that has one, VGG16's, the preset of tlfinetune's default backbone.
+        Datasets built for another preset (this datamodule reused with another backbone) are
+        rebuilt.
+        """
+        module = getattr(self.trainer, "lightning_module", None)
+        preset = getattr(module, "preprocessing", None)
+        if not isinstance(preset, Preprocessing):
+            preset = weights_preprocessing(None)
+        preset = preset.at(self._requested_size or preset.crop_size)
+        if preset != self.preprocessing:
+            if self.preprocessing is not None:
+                self.train_dataset = self.val_dataset = self.test_dataset = None
+                self.predict_dataset = None
+            self.preprocessing, self.image_size = preset, preset.crop_size
+            # The logged hyperparameters must agree with the model's image_size.
+            self.hparams["image_size"] = preset.crop_size
+            if hasattr(self, "_hparams_initial"):
+                self._hparams_initial["image_size"] = preset.crop_size
+        return preset
 
     # ---------------------------------------------------------------- loaders
 

@@ -7,8 +7,11 @@ dynamic. Nothing of tlfinetune is needed to run it: ``onnxruntime`` for ``.onnx`
 ``torch.export.load(path).module()`` for ``.pt2``.
 
 Next to the model file, ``<file>.json`` (``model.onnx`` -> ``model.onnx.json``) describes it:
-class names in output order, input shape and value range, mean/std (for information; they are
-already applied inside), backbone, and what the output means.
+class names in output order, input shape and value range, the preprocessing ``predict`` applies
+before the model (how image files are decoded, the shorter-side resize with its interpolation and
+antialiasing, the centre crop), mean/std (for information; they are already applied inside),
+backbone, and what the output means. README's "Deploy an exported model" reproduces ``predict``'s
+probabilities from it with onnxruntime.
 
 ONNX goes through the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``);
 the legacy TorchScript-based exporter is only a fallback when that fails. After writing, the file
@@ -35,6 +38,7 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from torch import nn
 
 from tlfinetune.errors import ConfigError, TLFinetuneError
+from tlfinetune.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +325,7 @@ def describe_export(
     size = int(hparams["image_size"])
     mean = getattr(model, "mean", None)
     std = getattr(model, "std", None)
+    preset = getattr(model, "preprocessing", None)
     return {
         "file": output.name,
         "format": fmt,
@@ -341,6 +346,7 @@ def describe_export(
         },
         "input_size": [3, size, size],
         "value_range": [0.0, 1.0],
+        **({"preprocessing": describe_preprocessing(preset)} if preset is not None else {}),
         "normalization": {
             "mean": [round(v, 6) for v in mean.flatten().tolist()] if mean is not None else None,
             "std": [round(v, 6) for v in std.flatten().tolist()] if std is not None else None,
@@ -353,6 +359,32 @@ def describe_export(
             "dtype": "float32",
             "meaning": "Softmax class probabilities; column i is class_names[i]; rows sum to 1.",
         },
+    }
+
+
+def describe_preprocessing(preset: Preprocessing) -> dict[str, Any]:
+    """What ``predict`` does to an image file before the model: enough to reproduce it."""
+    crop, resize = preset.crop_size, preset.resize_size
+    return {
+        "decode": {
+            "mode": "RGB, 8 bits per channel, rotated upright per the EXIF orientation tag",
+            "jpeg_draft": [2 * crop, 2 * crop],
+            "note": "JPEG files are decoded at a reduced scale when both sides are at least twice "
+            "jpeg_draft (Pillow: image.draft('RGB', jpeg_draft) before loading).",
+        },
+        "resize_size": resize,
+        "resize_edge": "shorter",
+        "interpolation": preset.interpolation,
+        "antialias": preset.antialias,
+        "crop_size": crop,
+        "crop": "center",
+        "steps": [
+            f"resize the shorter side to {resize} px ({preset.interpolation}, "
+            f"{'antialiased' if preset.antialias else 'no antialiasing'}); the longer side to "
+            f"int({resize} * longer / shorter)",
+            f"crop the central {crop} x {crop} (offsets round((side - {crop}) / 2))",
+            "uint8 -> float32 / 255, NCHW; mean/std are applied inside the model",
+        ],
     }
 
 

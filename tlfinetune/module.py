@@ -2,7 +2,9 @@
 
 An image batch flows: uint8 (N, 3, H, W) -> normalise with the weights' mean/std -> backbone
 (N, C, H/32, W/32; VGG16: C = 512) -> head -> logits (N, num_classes). Normalisation lives
-here, not in the data pipeline, so a checkpoint or an exported model carries it.
+here, not in the data pipeline, so a checkpoint or an exported model carries it. The whole
+preprocessing preset (resize, crop, interpolation, mean/std) is the model's too: the datamodule
+reads it from here.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import inspect
 import logging
 import os
 import random
-from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,7 +32,7 @@ from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.head import HeadFactory, HeadName, build_head
 from tlfinetune.machine import emulated_bf16_warning
-from tlfinetune.transforms import IMAGENET_MEAN, IMAGENET_STD
+from tlfinetune.transforms import Preprocessing, weights_preprocessing
 from tlfinetune.tta import averaged_logits
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,11 @@ class TransferClassifier(pl.LightningModule):
             one float per class in label order. Saved in checkpoints (the ``class_weight``
             buffer), so a resumed fit and ``validate`` use the loss the run trained with.
         channels_last: run convolutions in channels-last memory layout (about 1.5x faster on CPU).
-        mean: per-channel normalisation mean of the weights' preset.
-        std: per-channel normalisation std of the weights' preset.
+        preprocessing: how images are prepared for the weights (resize, crop, interpolation,
+            antialiasing, mean/std); default: the preset of the backbone's torchvision weights
+            (``Weights.DEFAULT.transforms()``). The model normalises with its mean/std; the
+            datamodule resizes and crops with the rest (and takes its crop size as image size
+            unless given one). Stored in the checkpoint, so predicting uses what training used.
         feature_cache: compute the frozen backbone layers once and train the rest from cached
             features while that cannot change results (frozen prefix, ``augment: false``).
             The one switch of the cache: a :class:`~tlfinetune.cache.FeatureCache` in the
@@ -97,8 +101,7 @@ class TransferClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         class_weights: ClassWeights = None,
         channels_last: bool = True,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        preprocessing: Preprocessing | None = None,
         feature_cache: bool = True,
     ) -> None:
         super().__init__()
@@ -120,6 +123,13 @@ class TransferClassifier(pl.LightningModule):
         self.lr_scheduler = lr_scheduler
         self._nonfinite: torch.Tensor | None = None  # (loss, step, batch) of the first bad step
         self.head_spec = head
+        if preprocessing is None:  # the backbone's weights own the preset
+            self._preset = weights_preprocessing(bb.get_spec(backbone).weights_enum)
+        else:
+            self._preset = Preprocessing.from_value(preprocessing)
+        # Plain values in the hyperparameters: the checkpoint (weights_only) carries the preset.
+        self._fill_hparams(preprocessing=self._preset.as_dict())
+        mean, std = self._preset.mean, self._preset.std
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -185,6 +195,12 @@ class TransferClassifier(pl.LightningModule):
         self.hparams.update(values)
         if hasattr(self, "_hparams_initial"):
             self._hparams_initial.update(values)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The weights' preset at this model's image size (at the preset's own until known)."""
+        size = self.hparams.get("image_size")
+        return self._preset.at(size) if size else self._preset
 
     def setup(self, stage: str) -> None:
         """Take num_classes, class names and image size from the datamodule when not given."""
