@@ -8,26 +8,37 @@ from PIL import Image
 from tlfinetune.compare import COLUMNS, compare
 from tlfinetune.errors import ConfigError
 
+# A second backbone of another size: until a tiny stand-in of another family exists, VGG11.
+OTHER, OTHER_PARAMS = "vgg11", 9_220_480
+
 
 @pytest.mark.slow
-def test_compare_covers_every_regime_asked(tmp_path):
+def test_compare_covers_every_backbone_and_regime_asked(tmp_path):
     rows = compare([
-        "--data.root=demo", "--data.image_size=32", "--model.backbone=test_vgg16",
-        "--model.weights=none",
-        "--regimes", "frozen,partial,full", f"--trainer.default_root_dir={tmp_path}",
+        "--data.root=demo", "--data.image_size=32", "--model.weights=none",
+        # Two regimes, not three: each run is a process of its own (~5 s); partial's counts are
+        # test_freeze's. Two backbones x two regimes is one run more than three regimes were.
+        "--backbones", f"test_vgg16,{OTHER}",
+        "--regimes", "frozen,full", f"--trainer.default_root_dir={tmp_path}",
         "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
         "--data.num_workers=0",
     ])  # fmt: skip
-    assert [r["regime"] for r in rows] == ["frozen", "partial", "full"]
+    assert [(r["backbone"], r["regime"]) for r in rows] == [
+        (b, r) for b in ("test_vgg16", OTHER) for r in ("frozen", "full")
+    ]
     trainable = [r["trainable_params"] for r in rows]
-    assert trainable[0] < trainable[1] < trainable[2]
+    assert trainable[0] < trainable[1] and trainable[2] < trainable[3]
+    assert trainable[3] - trainable[2] == OTHER_PARAMS  # full trains the whole backbone too
     # frozen: the whole backbone (test_vgg16 has 57,828 parameters where vgg16 has 14,714,688)
-    assert rows[2]["frozen_params"] == 0 and rows[0]["frozen_params"] == 57_828
+    assert rows[1]["frozen_params"] == 0 and rows[0]["frozen_params"] == 57_828
+    assert rows[2]["frozen_params"] == OTHER_PARAMS and rows[3]["frozen_params"] == 0
     with open(tmp_path / "comparison.csv") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == list(COLUMNS) and len(table) == 3
-    assert "| frozen |" in (tmp_path / "comparison.md").read_text()
+    assert list(table[0]) == list(COLUMNS) and len(table) == 4
+    assert COLUMNS[:2] == ("backbone", "regime")
+    assert f"| {OTHER} | full |" in (tmp_path / "comparison.md").read_text()
+    assert (tmp_path / "compare" / OTHER / "full" / "fit.yaml").is_file()
     with Image.open(tmp_path / "comparison.png") as image:
         assert image.size[0] > 500
 
@@ -35,3 +46,9 @@ def test_compare_covers_every_regime_asked(tmp_path):
 def test_unknown_regime_is_refused():
     with pytest.raises(ConfigError, match="frozen, partial, full"):
         compare(["--regimes=frozen,sometimes"])
+
+
+def test_unknown_backbone_is_refused_before_any_training(tmp_path):
+    with pytest.raises(ConfigError, match="--backbones: Unknown backbone 'vgg61'.*vgg16"):
+        compare(["--backbones=test_vgg16,vgg61", f"--trainer.default_root_dir={tmp_path}"])
+    assert not (tmp_path / "compare").exists()

@@ -2,12 +2,15 @@
 
 The seed leaves the choice between transfer learning and fine-tuning to "experimentation and
 evaluation". This runs that experiment on the user's own data: the same fit (config, epochs,
-data, seed) once per regime, each in its own process (so peak memory is its own), and writes
-``comparison.csv``, ``comparison.md`` and ``comparison.png`` under ``trainer.default_root_dir``
-with trainable parameters, seconds per epoch, peak memory, best validation accuracy and loss.
+data, seed) once per backbone and regime, each in its own process (so peak memory is its own),
+and writes ``comparison.csv``, ``comparison.md`` and ``comparison.png`` under
+``trainer.default_root_dir`` with trainable parameters, seconds per epoch, peak memory, best
+validation accuracy and loss. Each backbone prepares images with its own weights' preset (and
+takes its crop size as image size unless ``--data.image_size`` sets one for all).
 
 Example:
     python -m tlfinetune compare --config configs/quickstart.yaml --regimes frozen,partial,full
+    python -m tlfinetune compare --config configs/quickstart.yaml --backbones vgg16,resnet50
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
+from tlfinetune import backbone as bb
 from tlfinetune.cli import TLFinetuneCLI
 from tlfinetune.errors import ConfigError
 from tlfinetune.freeze import REGIMES, count_parameters
 
 COLUMNS = (
+    "backbone",
     "regime",
     "trainable_params",
     "frozen_params",
@@ -50,10 +55,11 @@ class RegimeStats(pl.Callback):
     Args:
         output: JSON file that receives the measurements.
         regime: name of the regime being measured.
+        backbone: name of the backbone being measured.
     """
 
-    def __init__(self, output: str, regime: str) -> None:
-        self.output, self.regime = output, regime
+    def __init__(self, output: str, regime: str, backbone: str = "") -> None:
+        self.output, self.regime, self.backbone = output, regime, backbone
         self._epoch_start = 0.0
         self.seconds: list[float] = []
         self.val: list[tuple[float, float]] = []
@@ -79,6 +85,7 @@ class RegimeStats(pl.Callback):
         else:  # ru_maxrss is in KiB on Linux: the whole process, Python and torch included
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         row = {
+            "backbone": self.backbone or pl_module.hparams.get("backbone", ""),
             "regime": self.regime,
             "trainable_params": trainable,
             "frozen_params": frozen,
@@ -115,58 +122,91 @@ class _FitArguments(TLFinetuneCLI):
             default=",".join(REGIMES),
             help=f"Regimes to train and compare, comma-separated, from {','.join(REGIMES)}.",
         )
+        parser.add_argument(
+            "--backbones",
+            type=str | None,
+            default=None,
+            help="Backbones to train and compare, comma-separated (each with every regime); "
+            "default: --model.backbone alone.",
+        )
 
     def instantiate_classes(self) -> None:
         """Nothing to build here: each regime trains in a process of its own."""
 
 
-def parse_arguments(argv: list[str]) -> tuple[list[str], Namespace, LightningArgumentParser]:
-    """The regimes to train and the fit configuration they share."""
+def parse_arguments(
+    argv: list[str],
+) -> tuple[list[str], list[str], Namespace, LightningArgumentParser]:
+    """The backbones and regimes to train and the fit configuration they share."""
     cli = _FitArguments(argv)
     config = cli.config.clone()
     regimes = [r.strip() for r in config.pop("regimes").split(",") if r.strip()]
     bad = [r for r in regimes if r not in REGIMES]
     if bad or not regimes:
         raise ConfigError(f"--regimes {','.join(regimes)}: choose from {', '.join(REGIMES)}.")
-    return regimes, config, cli.parser
+    given = config.pop("backbones")
+    backbones = [b.strip() for b in (given or config.model.backbone).split(",") if b.strip()]
+    if not backbones:
+        raise ConfigError(f"--backbones {given!r}: name at least one backbone.")
+    for name in backbones:  # before any training: a typo must not cost the runs before it
+        try:
+            bb.get_spec(name)
+        except ConfigError as err:
+            raise ConfigError(f"--backbones: {err}") from None
+    return backbones, regimes, config, cli.parser
 
 
 def compare(argv: list[str]) -> list[dict[str, Any]]:
-    """Run one fit per regime with the same arguments; return and write the comparison."""
-    regimes, config, parser = parse_arguments(argv)
+    """Run one fit per backbone and regime with the same arguments; write the comparison."""
+    backbones, regimes, config, parser = parse_arguments(argv)
     root = Path(config.trainer.default_root_dir or "runs")
     rows = []
-    for regime in regimes:
-        out = root / "compare" / regime
-        out.mkdir(parents=True, exist_ok=True)
-        stats = out / "stats.json"
-        stats.unlink(missing_ok=True)
-        run = config.clone()
-        run.freeze.regime = regime
-        run.freeze.milestones = None  # each regime as itself, no schedule between them
-        run.trainer.default_root_dir = str(out)
-        fit_config = out / "fit.yaml"
-        with warnings.catch_warnings():  # skip_none, Lightning's spelling, is renamed in 4.49
-            warnings.simplefilter("ignore", DeprecationWarning)
-            fit_config.write_text(parser.dump(run, skip_none=False))  # None can be a choice
-        callback = {
-            "class_path": "tlfinetune.compare.RegimeStats",
-            "init_args": {"output": str(stats), "regime": regime},
-        }
-        cmd = [
-            sys.executable, "-m", "tlfinetune", "fit", f"--config={fit_config}",
-            f"--trainer.callbacks+={json.dumps(callback)}",
-        ]  # fmt: skip
-        print(f"compare: training regime {regime} ...", flush=True)
-        done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if done.returncode != 0 or not stats.is_file():
-            raise ConfigError(
-                f"compare: the {regime} run failed (exit {done.returncode}); its output is "
-                f"above and its folder is {out}."
-            )
-        rows.append(json.loads(stats.read_text()))
+    for backbone, regime in [(b, r) for b in backbones for r in regimes]:
+        rows.append(_train(config, parser, root, backbone, regime, several=len(backbones) > 1))
     write_comparison(rows, root)
     return rows
+
+
+def _train(
+    config: Namespace,
+    parser: LightningArgumentParser,
+    root: Path,
+    backbone: str,
+    regime: str,
+    several: bool,
+) -> dict[str, Any]:
+    """One fit in its own process; its row of the comparison."""
+    # compare/<regime> with one backbone, as before; compare/<backbone>/<regime> with several
+    out = root / "compare" / backbone / regime if several else root / "compare" / regime
+    out.mkdir(parents=True, exist_ok=True)
+    stats = out / "stats.json"
+    stats.unlink(missing_ok=True)
+    run = config.clone()
+    run.model.backbone = backbone
+    run.freeze.regime = regime
+    run.freeze.milestones = None  # each regime as itself, no schedule between them
+    run.trainer.default_root_dir = str(out)
+    fit_config = out / "fit.yaml"
+    with warnings.catch_warnings():  # skip_none, Lightning's spelling, is renamed in 4.49
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fit_config.write_text(parser.dump(run, skip_none=False))  # None can be a choice
+    callback = {
+        "class_path": "tlfinetune.compare.RegimeStats",
+        "init_args": {"output": str(stats), "regime": regime, "backbone": backbone},
+    }
+    cmd = [
+        sys.executable, "-m", "tlfinetune", "fit", f"--config={fit_config}",
+        f"--trainer.callbacks+={json.dumps(callback)}",
+    ]  # fmt: skip
+    what = f"{backbone}, regime {regime}" if several else f"regime {regime}"
+    print(f"compare: training {what} ...", flush=True)
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0 or not stats.is_file():
+        raise ConfigError(
+            f"compare: the {what} run failed (exit {done.returncode}); its output is "
+            f"above and its folder is {out}."
+        )
+    return json.loads(stats.read_text())
 
 
 def write_comparison(rows: list[dict[str, Any]], root: Path) -> None:
@@ -190,11 +230,13 @@ def write_comparison(rows: list[dict[str, Any]], root: Path) -> None:
 
 
 def plot_comparison(rows: list[dict[str, Any]]) -> Any:
-    """Bars per regime: best val accuracy, seconds per epoch, trainable parameters."""
+    """Bars per run (backbone and regime): best val accuracy, seconds per epoch, parameters."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 3.4), layout="constrained")
-    names = [r["regime"] for r in rows]
+    several = len({r.get("backbone") for r in rows}) > 1
+    fig = Figure(figsize=(max(11.0, 2.4 * len(rows)), 3.4), layout="constrained")
+    names = [f"{r['backbone']}\n{r['regime']}" if several else r["regime"] for r in rows]
+    colours = {"frozen": "#4c72b0", "partial": "#dd8452", "full": "#55a868"}
     panels = [
         ("best_val_acc", "best val accuracy"),
         ("seconds_per_epoch", "seconds per epoch"),
@@ -203,9 +245,10 @@ def plot_comparison(rows: list[dict[str, Any]]) -> Any:
     ]
     for ax, (key, title) in zip(fig.subplots(1, len(panels)), panels, strict=True):
         values = [r[key] for r in rows]
-        bars = ax.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868"][: len(rows)])
+        bars = ax.bar(names, values, color=[colours.get(r["regime"], "#8172b3") for r in rows])
         ax.bar_label(bars, labels=[f"{v:,.3g}" for v in values], fontsize=8)
         ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=7 if several else 9)
     return fig
 
 
