@@ -19,6 +19,7 @@ from tlfinetune.errors import ConfigError, DataError, TLFinetuneError, WeightsEr
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.machine import fastest_precision
 from tlfinetune.module import TransferClassifier
+from tlfinetune.transforms import Preprocessing
 
 
 def _from_rank_zero(record: _logging.LogRecord) -> bool:
@@ -41,6 +42,7 @@ __all__ = [
     "DataError",
     "FreezeSchedule",
     "ImageDataModule",
+    "Preprocessing",
     "TLFinetuneError",
     "TransferClassifier",
     "WeightsError",
