@@ -8,8 +8,8 @@ from PIL import Image
 from tlfinetune.compare import COLUMNS, compare
 from tlfinetune.errors import ConfigError
 
-# A second backbone of another size: until a tiny stand-in of another family exists, VGG11.
-OTHER, OTHER_PARAMS = "vgg11", 9_220_480
+# A second backbone of another family: the RegNet stand-in (test_regnet, BatchNorm included).
+OTHER, OTHER_PARAMS = "test_regnet", 27_044
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 from tlfinetune import backbone as bb
+from tlfinetune.transforms import weights_preprocessing
 
 
 def backbones_parser() -> ArgumentParser:
@@ -37,22 +38,6 @@ def top1(name: str) -> float | None:
     return enum.DEFAULT.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
 
 
-def preprocessing(name: str) -> dict[str, Any] | None:
-    """Resize and crop size, interpolation, mean/std of ``name``'s DEFAULT weights' transforms."""
-    enum = bb.get_spec(name).weights_enum
-    if enum is None:
-        return None
-    t = enum.DEFAULT.transforms()
-    return {
-        "resize_size": list(t.resize_size),
-        "crop_size": list(t.crop_size),
-        "interpolation": t.interpolation.value,
-        "antialias": getattr(t, "antialias", None),
-        "mean": list(t.mean),
-        "std": list(t.std),
-    }
-
-
 def listing() -> str:
     """One line per supported backbone (test-only stand-ins left out)."""
     rows = [("backbone", "family", "params", "top-1", "input", "default head")]
@@ -60,7 +45,7 @@ def listing() -> str:
         if name.startswith("test_"):
             continue
         meta = spec.weights_enum.DEFAULT.meta
-        crop = spec.weights_enum.DEFAULT.transforms().crop_size[0]
+        crop = weights_preprocessing(spec.weights_enum).crop_size
         rows.append(
             (
                 name,
@@ -116,17 +101,18 @@ def describe(name: str) -> str:
         f"Default head: {spec.default_head}; --model.head torchvision is the model's own "
         f"classifier with a new last layer.",
     ]
-    prep = preprocessing(name)
-    if prep is None:
+    if spec.weights_enum is None:
         out.append("Weights: none (a test-only stand-in).")
     else:
         weights = spec.weights_enum.DEFAULT
+        prep = weights_preprocessing(spec.weights_enum)
         out += [
             f"Weights (imagenet): {type(weights).__name__}.{weights.name}, ImageNet top-1 "
             f"{top1(name):.1f}%, {weights.url}",
-            f"Preprocessing: resize the shorter side to {prep['resize_size'][0]} px "
-            f"({prep['interpolation']}, antialias), centre-crop {prep['crop_size'][0]} px, "
-            f"normalise with mean {prep['mean']} and std {prep['std']}.",
+            f"Preprocessing: resize the shorter side to {prep.resize_size} px "
+            f"({prep.interpolation}{', antialias' if prep.antialias else ''}), centre-crop "
+            f"{prep.crop_size} px, normalise with mean {list(prep.mean)} and std "
+            f"{list(prep.std)}.",
         ]
     return "\n".join(out)
 
