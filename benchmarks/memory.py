@@ -2,7 +2,7 @@
 
 Generates small PNG images (one folder per class, 1,000 classes) and a 1,000-class checkpoint
 with random weights, then runs ``python -m tlfinetune predict`` and ``test`` over N images, each
-in a fresh process, and reports that process's peak resident memory (``ru_maxrss``). What grows
+in a fresh process, and reports that process's peak resident memory (``VmHWM``). What grows
 with N is what the run keeps per image: the requirement is that 20,000 images cost at most
 150 MB more than 2,000.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -71,11 +70,12 @@ def make_checkpoint(root: Path, backbone: str) -> Path:
 def measure_here(command: list[str]) -> None:
     """Run the CLI in this process, then print its peak RSS (MB) and wall time as JSON."""
     from tlfinetune.cli import main
+    from tlfinetune.machine import peak_rss_mb
 
     sys.argv = sys.argv[:1]  # the command is given to main(), not read from the command line
     start = time.perf_counter()
     main(command)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_rss_mb()
     print("MEASURED " + json.dumps({"peak_mb": peak, "seconds": time.perf_counter() - start}))
 
 

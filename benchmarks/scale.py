@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
 import shutil
 import time
 import tracemalloc
@@ -39,6 +38,7 @@ from PIL import Image
 
 from tlfinetune import FreezeSchedule, ImageDataModule, TransferClassifier
 from tlfinetune.cache import FeatureCache
+from tlfinetune.machine import peak_rss_mb
 from tlfinetune.scan import RECORD_NAME
 
 CLASSES = 10
@@ -157,7 +157,7 @@ def scale(
         out["epoch img/s"] = [round(n / s, 1) for n, s in epochs_timer.epochs]
         where = "file" if (cache_size.mb or 0) > cache_memory_mb else "memory"
         out["cache MB"] = f"{cache_size.mb} ({cache_size.dtype}, in {where})"
-    out["peak RSS MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out["peak RSS MB"] = round(peak_rss_mb())
     if predict:
         ckpt = Path(folder) / f"scale-{image_size}px.ckpt"
         trainer.save_checkpoint(ckpt)

@@ -1,6 +1,9 @@
 """Machine facts: the fastest precision that keeps accuracy (emulated bf16 warned); workers."""
 
+import inspect
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from tiny import TinyData, trainer
 import tlfinetune.machine as machine
 from tlfinetune import TransferClassifier, fastest_precision
 from tlfinetune.cli import TLFinetuneCLI, main
-from tlfinetune.machine import default_num_workers
+from tlfinetune.machine import default_num_workers, peak_rss_mb
 
 
 def cpu_bf16(monkeypatch, avx512_bf16: bool, amx: bool = False) -> None:
@@ -111,3 +114,19 @@ def test_default_num_workers(monkeypatch):
     assert default_num_workers(compute_threads=2) == 6
     monkeypatch.setattr(machine.os, "sched_getaffinity", lambda _pid: set(range(64)))
     assert default_num_workers(processes_per_node=8) == 7  # 8 DDP ranks on 64 cores
+
+
+def test_peak_rss_is_the_programs_own_not_its_parents():
+    """compare's runs and the benchmarks' measured children are started by large processes;
+    ``ru_maxrss`` survives exec and would report the parent's size."""
+    block = bytearray(600 * 2**20)
+    block[:: 2**12] = b"\x01" * len(block[:: 2**12])  # touch every page: it becomes resident
+    code = "\n".join([
+        "import platform, resource", inspect.getsource(peak_rss_mb),
+        "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)",
+    ])  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    own, inherited = map(float, out.stdout.split())
+    del block
+    assert inherited > 600  # what ru_maxrss says: the parent's pages at the fork
+    assert own < 100  # a bare Python

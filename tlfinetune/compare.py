@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from tlfinetune import backbone as bb
 from tlfinetune.cli import TLFinetuneCLI
 from tlfinetune.errors import ConfigError
 from tlfinetune.freeze import REGIMES, count_parameters
+from tlfinetune.machine import peak_rss_mb
 
 COLUMNS = (
     "backbone",
@@ -82,8 +82,8 @@ class RegimeStats(pl.Callback):
         trainable, frozen = count_parameters(pl_module)
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
-        else:  # ru_maxrss is in KiB on Linux: the whole process, Python and torch included
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        else:  # the whole process, Python and torch included
+            peak = peak_rss_mb()
         row = {
             "backbone": self.backbone or pl_module.hparams.get("backbone", ""),
             "regime": self.regime,

@@ -31,6 +31,7 @@ import torch
 
 __all__ = [
     "cache_root",
+    "peak_rss_mb",
     "compute_threads",
     "cpus",
     "default_num_workers",
@@ -157,3 +158,23 @@ def cache_root() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "tlfinetune"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this program, in MiB.
+
+    Linux's ``VmHWM``, not ``ru_maxrss``: ``ru_maxrss`` survives ``exec``, so a process started
+    by a large parent (``compare``'s runs, a benchmark's measured child) reports at least the
+    parent's size. ``ru_maxrss`` where ``/proc`` is missing (macOS: bytes; Linux: KiB).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
