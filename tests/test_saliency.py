@@ -87,8 +87,10 @@ def test_the_map_lies_in_the_quadrant_the_class_depends_on():
     for p in model.parameters():
         p.requires_grad_(False)
         p.grad = None
-    model.train()
+    model.train()  # the head trains; the frozen backbone's layers stay in eval mode (as Keras')
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert model.head.training and not any(m.training for m in model.backbone.children())
     with torch.inference_mode():
         assert (model(test_x).argmax(1) == test_y).float().mean() > 0.9  # it learned the task
         cam = grad_cam(model, test_x)
@@ -98,7 +100,7 @@ def test_the_map_lies_in_the_quadrant_the_class_depends_on():
     assert mass.mean() > 0.5, mass  # a quarter of the image, over half of the evidence
     # Nothing about the model changed: flags, modes, weights, no gradient left behind.
     assert not any(p.requires_grad or p.grad is not None for p in model.parameters())
-    assert model.training and all(m.training for m in model.modules())
+    assert {name: m.training for name, m in model.named_modules()} == modes
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
