@@ -25,7 +25,8 @@ DDP = (
     "--trainer.accelerator=cpu",
     "--trainer.enable_progress_bar=false",
 )
-MODEL = ("--model.weights=none", "--model.backbone=vgg11", "--data.image_size=32")
+# VGG16's layout at 1/16 of its channels: DDP and the CLI are the point, not the network's size.
+MODEL = ("--model.weights=none", "--model.backbone=test_vgg16", "--data.image_size=32")
 COUNTS = {"train": (4, 4, 4), "val": (2, 2, 1), "test": (3, 2, 2)}  # val 5, test 7: odd
 
 
@@ -103,7 +104,9 @@ def test_fit_with_a_milestone_then_test_and_predict_under_ddp(tmp_path):
     # The milestone through the command line: vgg11's block4 (convs 11, 13) unfrozen at epoch 1,
     # after DDP wrapped the model, is all-reduced; blocks 1-3 stay bit-identical on both ranks.
     r0, r1 = (torch.load(tmp_path / "ranks" / f"rank{i}.pt", weights_only=True) for i in (0, 1))
-    trained = {f"{i}.{p}" for i in (11, 13, 16, 18) for p in ("weight", "bias")}
+    trained = {
+        f"{i}.{p}" for i in (17, 19, 21, 24, 26, 28) for p in ("weight", "bias")
+    }  # blocks 4-5
     for r in (r0, r1):
         changed = {k for k, v in r["final"].items() if not torch.equal(v, r["init"][k])}
         assert changed == trained
