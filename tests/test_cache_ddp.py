@@ -1,9 +1,12 @@
 """The feature cache under DDP (2 CPU processes, gloo): each rank serves its shard from it."""
 
+import pytest
 import torch
 from tiny import run_worker
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("ddp")  # see conftest.py
 def test_cached_ddp_equals_uncached_ddp(tmp_path):
     run_worker("cache_ddp_worker.py", tmp_path)
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1)]

@@ -197,6 +197,7 @@ def cli_error(tmp_path, *args):
     return proc.returncode, proc.stderr
 
 
+@pytest.mark.slow
 def test_the_command_exits_with_the_message_and_no_traceback(tmp_path):
     args = ("fit", "--model.weights=none", "--data.root=missing_folder")
     code, err = cli_error(tmp_path, *args, "--trainer.max_epochs=1")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ddp")]  # see conftest.py
 
 DDP = (
     "--trainer.strategy=ddp",

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import run_worker
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ddp")]  # see conftest.py
 
 
 def test_ddp_partial_regime_with_milestone(tmp_path):

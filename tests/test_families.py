@@ -259,6 +259,7 @@ def test_export_of_a_convnext_matches_the_model(tmp_path):
         assert result.metadata["backbone"] == "test_convnext"
 
 
+@pytest.mark.slow
 def test_backbones_command_lists_and_describes(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(

@@ -164,6 +164,7 @@ def test_lr_find_says_what_is_wrong_with_its_settings(capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_lr_find_command(tmp_path):
     data, out = make_folder(tmp_path / "data"), tmp_path / "runs"
     config = tmp_path / "fit.yaml"  # the same config file a fit takes

@@ -201,6 +201,7 @@ def test_evaluation_report_runs_at_validate_and_test_not_during_fit(tmp_path, ca
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ddp")  # see conftest.py
 def test_evaluation_report_gathers_predictions_from_all_processes(tmp_path):
     data = TinyData(n=26)  # 13 per process: no sample repeated by the DistributedSampler
     model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)

@@ -73,6 +73,7 @@ def test_flip_averages_the_softmax_of_the_two_passes(tmp_path, one_thread):
         PredictionWriter(tta="crops")
 
 
+@pytest.mark.slow
 def test_predict_and_test_with_tta_from_the_command_line(tmp_path, capsys, one_thread):
     data = make_folder(tmp_path / "data", per_class=3, size=32)
     dm = ImageDataModule(root=data, image_size=32, batch_size=8, num_workers=0, val_split=0.34)
