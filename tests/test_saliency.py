@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_families import FAMILIES
 from tiny import tiny_tensors
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -188,3 +189,14 @@ def test_without_captum_reports_still_work_and_say_why_there_is_no_map(monkeypat
     assert "pip install 'tlfinetune[saliency]'" in data_log.text
     with pytest.raises(ConfigError, match=r"need the captum package"):
         grad_cam(model, x[:1])
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "test_vit"])  # ViT: refused above
+def test_every_convolutional_family_gets_a_heat_map_per_image(name, one_thread):
+    model = TransferClassifier(backbone=name, weights="none", num_classes=3, image_size=32)
+    images = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cam = grad_cam(model, images.to(torch.uint8))
+    assert cam.shape == (2, 32, 32) and torch.isfinite(cam).all()
+    assert cam.min() >= 0 and cam.max() <= 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
