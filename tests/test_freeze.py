@@ -1,5 +1,7 @@
 """FreezeSchedule on the test_vgg16 stand-in: VGG16's module indices, 1/16 of its channels."""
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -165,3 +167,13 @@ def test_regime_start_is_the_one_regime_vocabulary():
             regime_start(regime, "vgg16", "blok5", 31)
     with pytest.raises(ConfigError, match="frozen, partial, full"):
         FreezeSchedule(regime="some")
+
+
+def test_a_frozen_fit_does_not_warn_about_its_frozen_layers_in_eval_mode(one_thread):
+    """The frozen prefix is in eval mode on purpose; Lightning's warning about it is noise."""
+    model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(1, callbacks=[FreezeSchedule(regime="partial")]).fit(model, TinyData())
+    assert not model.backbone[0].training  # block1 ran frozen, in eval mode
+    assert not [w for w in caught if "in eval mode at the start" in str(w.message)]

@@ -356,8 +356,6 @@ NOISE = (
     ".*is smaller than the logging interval.*",
     # The summary's size estimate in bf16; the parameter counts it prints are exact.
     ".*is not supported by the model summary.*",
-    # Frozen parts of the backbone run in eval mode on purpose (Keras' trainable=False).
-    ".*module\\(s\\) in eval mode at the start of training.*",
 )
 # Lightning's log lines that advertise rather than inform.
 ADVERTS = ("litlogger",)

@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import random
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -204,6 +205,9 @@ class TransferClassifier(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Take num_classes, class names and image size from the datamodule when not given."""
+        # The frozen prefix runs in eval mode on purpose (Keras' trainable=False); Lightning
+        # would warn about it at the start of every fit.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of")
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None:
             for key in ("num_classes", "image_size"):
