@@ -97,3 +97,11 @@ def test_bench_rejects_unknown_regime(tmp_path, capsys):
     assert exc.value.code == 2
     assert "bogus" in capsys.readouterr().err
     assert not (tmp_path / "x.md").exists()
+
+
+def test_family_forward_speeds_print_a_ratio_per_backbone(capsys, one_thread):
+    from families import families
+
+    families("test_vgg16,test_regnet", batch=1, rounds=1, image_size=32)
+    out = capsys.readouterr().out
+    assert "test_vgg16" in out and "1.00x" in out and "test_regnet" in out
