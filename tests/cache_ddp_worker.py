@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from tiny import tiny_tensors
+from tiny import trainer as tiny_trainer
 
 from tlfinetune import FreezeSchedule, ImageDataModule, TransferClassifier
 from tlfinetune.cache import FeatureCache
@@ -44,16 +45,10 @@ def fit(cache: bool) -> dict:
     pl.seed_everything(0)
     model = TransferClassifier(backbone="test_vgg16", weights="none", feature_cache=cache)
     record = Record()
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = tiny_trainer(
+        4,
         devices=2,
         strategy="ddp",
-        max_epochs=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         callbacks=[
             FreezeSchedule(regime="frozen", milestones={2: "block5"}, backbone_lr_ratio=0.5),
             record,

@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from tiny import TinyData
+from tiny import trainer as tiny_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from tlfinetune import FreezeSchedule, TransferClassifier
@@ -18,19 +19,13 @@ if __name__ == "__main__":
         backbone="test_vgg16", weights="none", num_classes=3, image_size=32, channels_last=False
     )
     init = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+    trainer = tiny_trainer(
+        3,
         callbacks=[
             FreezeSchedule(regime="partial", unfreeze_from="block5", milestones={2: "block4"})
         ],
+        devices=2,
+        strategy="ddp",
     )
     trainer.fit(model, TinyData(n=32))
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
