@@ -38,7 +38,7 @@ from PIL import Image
 
 from tlfinetune import FreezeSchedule, ImageDataModule, TransferClassifier
 from tlfinetune.cache import FeatureCache
-from tlfinetune.machine import peak_rss_mb
+from tlfinetune.machine import fastest_precision, peak_rss_mb
 from tlfinetune.scan import RECORD_NAME
 
 CLASSES = 10
@@ -117,6 +117,7 @@ def scale(
     epochs: int = 0,
     cache_memory_mb: int = 2048,
     predict: bool = False,
+    precision: str | None = None,
     folder: str = "/tmp/tlfinetune-scale",
     keep: bool = True,
 ) -> dict:
@@ -130,6 +131,9 @@ def scale(
         cache_memory_mb: The feature cache's memory budget; a cache larger than this goes to
             a memory-mapped file.
         predict: After the fit, time ``python -m tlfinetune predict`` over the folder.
+        precision: The fit's precision; unset, what ``python -m tlfinetune fit`` picks on this
+            machine (bf16-mixed where the CPU has native bf16), so the cache holds what a user's
+            cache would.
         folder: Where the images go (reused when it holds ``images`` files already).
         keep: Keep the folder afterwards.
     """
@@ -147,12 +151,15 @@ def scale(
         out[f"setup s ({run})"] = round(seconds, 2)
         out[f"files/s ({run})"] = round(images / seconds)
     out["bookkeeping B/image"] = round(bookkeeping_bytes(root, image_size))
+    precision = precision or fastest_precision("cpu") or "32-true"
+    out["precision"] = precision
     first, epochs_timer = FirstStep(time.perf_counter()), EpochTimer(torch.device("cpu"))
     cache_size = CacheSize()
     dm = ImageDataModule(root=root, image_size=image_size, augment=False, batch_size=32)
     (root / RECORD_NAME).unlink(missing_ok=True)  # the first run of a new folder scans all
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=max(epochs, 1), limit_train_batches=None if epochs else 1,
+        accelerator="cpu", precision=precision, max_epochs=max(epochs, 1),
+        limit_train_batches=None if epochs else 1,
         limit_val_batches=None if epochs else 0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[FreezeSchedule(regime="frozen"), FeatureCache(memory_mb=cache_memory_mb),
