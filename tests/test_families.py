@@ -149,10 +149,12 @@ def cache_data():
     )
 
 
-@pytest.mark.parametrize("name", ["test_convnext", "test_regnet", "test_vit"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_feature_cache_equals_training_through_the_images(name, monkeypatch):
-    """ConvNeXt: stochastic depth in the cached prefix; RegNet: BatchNorm (its 0-d step
-    counters in the cache key); ViT: tokens (N, T, C) in the cache."""
+    """Every family, with a milestone that rebuilds the cache for an earlier stage. ConvNeXt:
+    stochastic depth in the cached prefix; RegNet, ResNet, EfficientNet, MobileNet, DenseNet:
+    BatchNorm (its 0-d step counters in the cache key); ViT: tokens (N, T, C) in the cache;
+    Swin: channels-last (N, H, W, C) maps."""
     # A seeded run reseeds every batch, so stochastic depth in the trainable part draws the
     # same numbers whether the batch came from the images or from the cache.
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")
@@ -161,7 +163,7 @@ def test_feature_cache_equals_training_through_the_images(name, monkeypatch):
         torch.manual_seed(0)
         model = TransferClassifier(backbone=name, weights="none", feature_cache=cache)
         store = FeatureCache()
-        earlier = "block2" if name == "test_regnet" else "stage2"
+        earlier = {"test_convnext": "stage2", "test_regnet": "block2"}.get(name, FAMILIES[name])
         schedule = FreezeSchedule(regime="partial", milestones={2: earlier}, backbone_lr_ratio=1.0)
         if name == "test_vit":
             schedule = FreezeSchedule(regime="partial", unfreeze_from=1, backbone_lr_ratio=1.0)
