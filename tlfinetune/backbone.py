@@ -272,6 +272,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     **{name: _member(family, name) for family, names in MEMBERS.items() for name in names},
     # test-only stand-ins: see the module docstring and tlfinetune.families
     "test_vgg16": _vgg(_test_vgg16, None, "D/16", False),
+    "test_resnet": BackboneSpec(fam.test_resnet, None, fam.RESNET),
+    "test_efficientnet": BackboneSpec(fam.test_efficientnet, None, fam.EFFICIENTNET),
+    "test_mobilenet_v3": BackboneSpec(fam.test_mobilenet_v3, None, fam.MOBILENET),
     "test_convnext": BackboneSpec(fam.test_convnext, None, fam.CONVNEXT),
     "test_densenet": BackboneSpec(fam.test_densenet, None, fam.DENSENET),
     "test_regnet": BackboneSpec(fam.test_regnet, None, fam.REGNET),

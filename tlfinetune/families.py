@@ -45,7 +45,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import convnext, densenet, regnet, swin_transformer, vision_transformer
+from torchvision.models import (
+    convnext,
+    densenet,
+    efficientnet,
+    mobilenetv3,
+    regnet,
+    resnet,
+    swin_transformer,
+    vision_transformer,
+)
 
 from tlfinetune.errors import ConfigError
 
@@ -352,6 +361,30 @@ SWIN = Family(
 
 
 # --- test-only stand-ins (tiny members of the families, no ImageNet weights) ------------------
+
+
+def test_resnet(*, weights: None = None) -> nn.Module:
+    """ResNet's layout (torchvision's widths, 64-512) with one basic block per stage."""
+    return resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1])
+
+
+def test_efficientnet(*, weights: None = None) -> nn.Module:
+    """EfficientNet's layout: 3 MBConv stages of 1 block, 8-24 channels, stochastic depth."""
+    cfg = efficientnet.MBConvConfig
+    setting = [cfg(1, 3, 1, 8, 8, 1), cfg(4, 3, 2, 8, 16, 1), cfg(4, 5, 2, 16, 24, 1)]
+    return efficientnet.EfficientNet(setting, dropout=0.2, last_channel=64)
+
+
+def test_mobilenet_v3(*, weights: None = None) -> nn.Module:
+    """MobileNetV3's layout: 4 inverted-residual blocks in 3 stages, 8-24 channels."""
+    cfg = mobilenetv3.InvertedResidualConfig
+    setting = [
+        cfg(8, 3, 8, 8, True, "RE", 2, 1, 1.0),
+        cfg(8, 3, 24, 16, False, "RE", 2, 1, 1.0),
+        cfg(16, 3, 32, 16, True, "HS", 1, 1, 1.0),
+        cfg(16, 5, 48, 24, True, "HS", 2, 1, 1.0),
+    ]
+    return mobilenetv3.MobileNetV3(setting, last_channel=64)
 
 
 def test_convnext(*, weights: None = None) -> nn.Module:
