@@ -29,10 +29,16 @@ def datamodule(workers):
     )
 
 
-def run(folder, epochs, milestone, ckpt=None, cache=True, workers=0, dropout=0.3):
+def run(
+    folder, epochs, milestone, ckpt=None, cache=True, workers=0, dropout=0.3, **family
+):  # family: another backbone and its FreezeSchedule, instead of VGG's milestone
     pl.seed_everything(7)
+    backbone = family.get("backbone", "test_vgg16")
     model = TransferClassifier(
-        backbone="test_vgg16", weights="none", head_dropout=dropout, feature_cache=cache
+        backbone=backbone, weights="none", head_dropout=dropout, feature_cache=cache
+    )
+    schedule = family.get("schedule") or FreezeSchedule(
+        regime="frozen", milestones={milestone: "block5"}, backbone_lr_ratio=0.5
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -43,9 +49,7 @@ def run(folder, epochs, milestone, ckpt=None, cache=True, workers=0, dropout=0.3
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[
-            FreezeSchedule(
-                regime="frozen", milestones={milestone: "block5"}, backbone_lr_ratio=0.5
-            ),
+            schedule,
             ModelCheckpoint(dirpath=folder / "ckpt", save_last=True),
             FeatureCache(),  # serves only when the model's feature_cache is on
         ],
@@ -72,3 +76,26 @@ def test_resumed_run_equals_uninterrupted(tmp_path, milestone, cache, workers):
     assert grads[0] == grads[1]
     lrs = [[g["lr"] for g in t.optimizers[0].param_groups] for t in (t_whole, t_resumed)]
     assert lrs[0] == lrs[1] and len(lrs[0]) == 2
+
+
+def test_resumed_batchnorm_family_equals_uninterrupted(tmp_path):
+    """RegNet (BatchNorm in every block): block4 trains from the start, block3 from epoch 3,
+    after the checkpoint of epoch 2; the stem and block1-2 stay frozen throughout."""
+
+    def schedule():
+        return FreezeSchedule(regime="partial", unfreeze_from="block4", milestones={3: "block3"})
+
+    pl.seed_everything(7)
+    init = TransferClassifier(backbone="test_regnet", weights="none").backbone.state_dict()
+    whole, _ = run(tmp_path / "a", 4, None, backbone="test_regnet", schedule=schedule())
+    run(tmp_path / "b", 2, None, backbone="test_regnet", schedule=schedule())
+    last = tmp_path / "b" / "ckpt" / "last.ckpt"
+    resumed, t_resumed = run(
+        tmp_path / "b", 4, None, ckpt=last, backbone="test_regnet", schedule=schedule()
+    )
+    assert t_resumed.current_epoch == 4
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # weights and BatchNorm statistics, bit for bit
+    stats = {k: v for k, v in resumed.backbone.state_dict().items() if k.endswith("running_mean")}
+    moved = {k.split(".")[0].split("_")[0] for k, v in stats.items() if not torch.equal(v, init[k])}
+    assert moved == {"block3", "block4"}  # the frozen stem and block1-2 kept theirs
