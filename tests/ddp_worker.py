@@ -41,8 +41,21 @@ if __name__ == "__main__":
     images = TinyData(n=9).x  # 9 images: the distributed sampler pads one rank with a repeat
     loader = DataLoader(TensorDataset(images, torch.arange(9)), batch_size=2)
     predictor.predict(model, loader, return_predictions=False)
+    # A BatchNorm family: block4 trains from the start, block3 from epoch 2 (after DDP wrapped).
+    pl.seed_everything(0)
+    bn = TransferClassifier(backbone="test_regnet", weights="none", num_classes=3, image_size=32)
+    bn_init = {k: v.clone() for k, v in bn.backbone.state_dict().items()}
+    schedule = FreezeSchedule(regime="partial", unfreeze_from="block4", milestones={2: "block3"})
+    bn_trainer = tiny_trainer(3, callbacks=[schedule], devices=2, strategy="ddp")
+    bn_trainer.fit(bn, TinyData(n=32))
     rank = trainer.global_rank
     torch.save(
-        {"init": init, "final": model.backbone.state_dict(), "metrics": metrics},
+        {
+            "init": init,
+            "final": model.backbone.state_dict(),
+            "metrics": metrics,
+            "bn_init": bn_init,
+            "bn_final": bn.backbone.state_dict(),
+        },
         out / f"rank{rank}.pt",
     )
