@@ -4,6 +4,7 @@ One model per family, the smallest torchvision offers (ConvNeXt, RegNet, DenseNe
 tiny member built with torchvision's own constructors, registered as ``test_*``), at 32 px.
 """
 
+import csv
 import os
 import re
 import subprocess
@@ -13,16 +14,25 @@ import urllib.error
 import pytest
 import torch
 import torchvision
-from tiny import tiny_tensors, trainer
+from tiny import TinyData, tiny_tensors, trainer
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
+from torch.utils.data import DataLoader, TensorDataset
 from torchvision.ops import StochasticDepth
 
-from tlfinetune import ConfigError, FreezeSchedule, ImageDataModule, TransferClassifier
+from tlfinetune import (
+    ConfigError,
+    FreezeSchedule,
+    ImageDataModule,
+    TransferClassifier,
+    fastest_precision,
+)
 from tlfinetune import backbone as bb
 from tlfinetune.cache import FeatureCache
 from tlfinetune.errors import WeightsError
 from tlfinetune.freeze import regime_start, set_trainable_from
+from tlfinetune.predict import PredictionWriter
+from tlfinetune.report import EvaluationReport
 
 # Tiny convolutions at 32 px: one compute thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -174,6 +184,40 @@ def test_feature_cache_equals_training_through_the_images(name, monkeypatch):
     assert store.builds >= 2
     for (key, a), b in zip(cached.state_dict().items(), plain.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("name", ["test_regnet", "test_vit"])
+def test_test_report_and_predict_in_automatic_precision_and_channels_last(name, tmp_path):
+    """RegNet: BatchNorm and channels-last convolutions; ViT: tokens, attention, no Grad-CAM
+    (the report leaves its heat maps out and says why)."""
+    torch.manual_seed(0)
+    model = TransferClassifier(backbone=name, weights="none", num_classes=3, image_size=32)
+    assert model.hparams.channels_last  # the default
+    data = TinyData(n=6, batch_size=4)
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(data.x), dim=1)  # float32
+    before = snapshot(model)
+    precision = fastest_precision("cpu")  # what the command line picks when none is given
+    report = EvaluationReport(dirpath=str(tmp_path / "report"), verbose=False)
+    writer = PredictionWriter(output=str(tmp_path / "predictions.csv"), top_k=3)
+    t = trainer(callbacks=[report, writer], precision=precision)
+    t.test(model, data)
+    t.predict(model, DataLoader(TensorDataset(data.x, torch.arange(6)), batch_size=4))
+    with open(tmp_path / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    got = torch.zeros(6, 3)
+    for row in rows:
+        for k in (1, 2, 3):  # class names c0, c1, c2
+            got[int(row["path"]), int(row[f"top{k}"][1:])] = float(row[f"top{k}_probability"])
+    # bf16 where the CPU has it: about 3 significant digits through the network
+    tolerance = 1e-5 if precision == "32-true" else 2e-2
+    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
+    metrics = report.metrics[0]
+    assert metrics["num_samples"] == 6 and (tmp_path / "report" / "mistakes.png").is_file()
+    correct = (got.argmax(dim=1) == data.y[:6]).float().mean().item()
+    assert metrics["accuracy"] == pytest.approx(correct)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # BatchNorm statistics too
 
 
 def tv_state(name, seed):
