@@ -1,7 +1,9 @@
 """Backbone families beyond VGG: stage names, freezing, the cache, weights, export, the command.
 
 One model per family, the smallest torchvision offers (ConvNeXt, RegNet, DenseNet, ViT and Swin: a
-tiny member built with torchvision's own constructors, registered as ``test_*``), at 32 px.
+tiny member built with torchvision's own constructors, registered as ``test_*``), at 32 px. Export
+uses tiny ResNet, EfficientNet and MobileNetV3 members too (``EXPORTED``): tracing costs per
+operation.
 """
 
 import csv
