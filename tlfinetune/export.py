@@ -251,6 +251,10 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, output: Path) -> tup
             )
     else:
         log.warning(f"onnxscript is not installed ({_EXTRA}): using the legacy ONNX exporter.")
+    # In inference, nn.MultiheadAttention (ViT) takes a fused fast path whose operator the
+    # legacy exporter cannot translate; the unfused path computes the same attention.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with warnings.catch_warnings():  # its deprecation notice: the log line above says it
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -268,6 +272,8 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, output: Path) -> tup
     except Exception as err:
         before = f" (the dynamo exporter failed first: {first_error})" if first_error else ""
         raise ExportError(f"ONNX export failed: {err}{before}") from err
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return f"torch.onnx.export dynamo=False, legacy (torch {torch.__version__})", LEGACY_OPSET
 
 
