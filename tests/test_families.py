@@ -48,7 +48,7 @@ FAMILIES = {
     "test_regnet": "block3",
     "test_densenet": "block3",
     "test_vit": "encoder_layer_0",
-    "test_swin": "stage3",
+    "test_swin": "stage1_1",
 }
 
 

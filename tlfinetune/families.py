@@ -403,10 +403,15 @@ def test_vit(*, weights: None = None) -> nn.Module:
 
 
 def test_swin(*, weights: None = None) -> nn.Module:
-    """Swin's layout with 1 block per stage, width 8, window 4, stochastic depth 0.2."""
+    """Swin's layout in 2 stages, width 8, window 4, stochastic depth 0.2.
+
+    Stage 1 has two blocks: at 32 px its map is 8x8, so the second block shifts its windows
+    (the roll and attention mask of Swin's every other block); stage 2 is a patch merging and
+    one block. More stages would only repeat these at maps no larger than a window.
+    """
     return swin_transformer.SwinTransformer(
-        patch_size=[4, 4], embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-        window_size=[4, 4], stochastic_depth_prob=0.2,
+        patch_size=[4, 4], embed_dim=8, depths=[2, 1], num_heads=[1, 1], window_size=[4, 4],
+        stochastic_depth_prob=0.2,
     )  # fmt: skip
 
 
