@@ -39,7 +39,8 @@ from tlfinetune.report import EvaluationReport
 # Tiny convolutions at 32 px: one compute thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# One member per family; the stage a test unfreezes from besides the default partial one.
+# One member per family; the stage (Swin: the unit with shifted windows) a test unfreezes from
+# besides the default partial one.
 FAMILIES = {
     "resnet18": "layer3",
     "efficientnet_b0": "stage6",
