@@ -285,13 +285,13 @@ def test_densenet_files_with_torchvisions_old_key_names_load(tmp_path):
 # starts with the same torch.export capture as .pt2, so one of the two per family still traces
 # every family with torch.export: ONNX where its translation is the risk (ViT's attention and
 # its patch embedding, tlfinetune's own module, where position embeddings would be
-# interpolated; ConvNeXt's LayerNorm2d; EfficientNet's SiLU and squeeze-excitation), the .pt2
-# round trip for the others and ConvNeXt (VGG: tests/test_export.py, both). The legacy
-# TorchScript-based ONNX exporter (the fallback without onnxscript) takes a tenth of the time:
-# every family, also through export's own parity check at batch 1 and 3.
+# interpolated; ConvNeXt's LayerNorm2d), the .pt2 round trip for the others and ConvNeXt (VGG:
+# tests/test_export.py, both). The legacy TorchScript-based ONNX exporter (the fallback
+# without onnxscript) takes a tenth of the time: every family, also through export's own
+# parity check at batch 1 and 3.
 EXPORTED = {
     "test_resnet": ("pt2",),
-    "test_efficientnet": ("onnx",),
+    "test_efficientnet": ("pt2",),
     "test_mobilenet_v3": ("pt2",),
     "test_convnext": ("onnx", "pt2"),
     "test_regnet": ("pt2",),
