@@ -41,8 +41,9 @@ def cam_layer(model: nn.Module) -> nn.Module:
     A backbone table entry may name it (a ``cam_layer`` index into the backbone); otherwise a dry
     run at the model's image size finds the last direct child of the backbone whose output is an
     ``(N, C, H, W)`` map, passing over pooling layers (they only coarsen the map), after which
-    nothing with parameters runs. Backbones that turn the image into tokens (ViT) or keep their
-    maps channels-last (Swin) have no such layer and get a :class:`ConfigError`.
+    nothing with parameters runs. Backbones that end in tokens (ViT) or in channels-last maps have
+    no such layer and get a :class:`ConfigError` (Swin is fine: its last unit turns its maps
+    back to NCHW).
 
     Args:
         model: a :class:`~tlfinetune.module.TransferClassifier` (anything with ``backbone``,
@@ -107,9 +108,9 @@ def _find_cam_layer(backbone: nn.Sequential, size: int, name: str) -> int:
             return last
     raise ConfigError(
         f"Grad-CAM is not supported for the backbone {name}: it has no convolutional feature "
-        "map (N, C, H, W) at its end (token-based backbones such as ViT, or channels-last ones "
-        "such as Swin, need another method). Use a convolutional backbone (VGG, ResNet, "
-        "EfficientNet, ConvNeXt) to get heat maps, or leave --prediction.explain out."
+        "map (N, C, H, W) at its end (token-based backbones such as ViT, or ones ending in "
+        "channels-last maps, need another method). Use a convolutional backbone (VGG, ResNet, "
+        "EfficientNet, ConvNeXt, Swin) to get heat maps, or leave --prediction.explain out."
     )
 
 
