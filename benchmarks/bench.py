@@ -31,7 +31,9 @@ it in ``benchmarks/``:
   (:class:`EpochTimer`, :class:`PeakMemory`, :func:`forward_bound`, :func:`measure_decode`);
 - ``bench_setting.py``: the setting every setup of a run shares;
 - ``bench_peers.py``: :func:`torch_peer` and :func:`keras_peer`;
-- ``bench_report.py``: the markdown report (:func:`markdown`).
+- ``bench_report.py``: the markdown report (:func:`markdown`);
+- ``bench_job.py`` (``--job seed``): the seed's own job at 224 px, ``python -m tlfinetune fit``
+  against the seed's Keras code (``seed_keras.py``), each a process timed phase by phase.
 """
 
 from __future__ import annotations
@@ -91,20 +93,29 @@ _QUIET_MORE = {"tlfinetune": logging.WARNING, "tlfinetune.module": logging.ERROR
 
 
 def write_images(
-    folder: Path, images: int, image_size: int, fmt: str = "jpeg", seed: int = 0
+    folder: Path,
+    images: int,
+    image_size: int,
+    fmt: str = "jpeg",
+    seed: int = 0,
+    val_images: int | None = None,
+    classes: int | None = None,
 ) -> Path:
-    """Write ``images`` demo-style images (6 shape classes) into ``folder/train/<class>/``.
+    """Write ``images`` demo-style images into ``folder/train/<class>/``.
 
-    ``folder/val/<class>/`` gets one image per class (validation is not run by the benchmark).
-    Real files, so training goes through the same decode path as a user's folder.
+    ``folder/val/<class>/`` gets ``val_images`` images (default one per class: the regime
+    benchmark does not validate). ``classes`` shape classes (default up to 6, two images each at
+    least). Real files, so training goes through the same decode path as a user's folder.
     """
-    classes = DEMO_CLASSES[: max(2, min(len(DEMO_CLASSES), images // 2))]
+    n_classes = classes or max(2, min(len(DEMO_CLASSES), images // 2))
+    classes_used = DEMO_CLASSES[:n_classes]
     suffix = {"jpeg": "jpg", "png": "png"}[fmt]
-    for split, count in (("train", images), ("val", len(classes))):
-        for c, name in enumerate(classes):
+    val_count = len(classes_used) if val_images is None else val_images
+    for split, count in (("train", images), ("val", val_count)):
+        for c, name in enumerate(classes_used):
             sub = folder / split / name
             sub.mkdir(parents=True, exist_ok=True)
-            n = count // len(classes) + (c < count % len(classes))
+            n = count // len(classes_used) + (c < count % len(classes_used))
             for i in range(n):
                 rng = np.random.default_rng([seed, int(split == "val"), c, i])
                 pixels = render_demo_image(name, rng, image_size)
@@ -458,14 +469,35 @@ def _line(row: Result) -> str:
     )
 
 
+def _job(args: list[str]) -> tuple[str, list[str]]:
+    """``--job NAME`` (or ``--job=NAME``) taken out of ``args``; ``regimes`` without one."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--job="):
+            return arg.split("=", 1)[1], args[:i] + args[i + 1 :]
+        if arg == "--job" and i + 1 < len(args):
+            return args[i + 1], args[:i] + args[i + 2 :]
+    return "regimes", args
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python benchmarks/bench.py [--image_size 64] [--batch_size 32] ...``: see :func:`bench`.
 
     The flags are :func:`bench`'s typed signature, read by jsonargparse as the package's own
     command line is; a bad value is one paragraph on stderr and exit status 2.
+    ``--job seed`` runs the seed's own job instead, tlfinetune's CLI against the seed's Keras
+    code (:func:`bench_job.seed_job`; ``--job seed --help`` lists its flags).
     """
+    args = list(sys.argv[1:] if argv is None else argv)
+    job, args = _job(args)
     try:
-        CLI(bench, args=None if argv is None else list(argv), as_positional=False)
+        if job == "seed":
+            from bench_job import seed_job
+
+            CLI(seed_job, args=args, as_positional=False)
+        elif job == "regimes":
+            CLI(bench, args=args, as_positional=False)
+        else:
+            raise ConfigError(f"--job {job}: choose regimes (the default) or seed.")
     except TLFinetuneError as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import math
 import os
 import sys
@@ -24,7 +25,14 @@ from torch import nn
 
 from tlfinetune.data import ImageDataModule
 
-__all__ = ["EpochTimer", "PeakMemory", "Result", "forward_bound", "measure_decode"]
+__all__ = [
+    "EpochTimer",
+    "JobTimer",
+    "PeakMemory",
+    "Result",
+    "forward_bound",
+    "measure_decode",
+]
 
 
 @dataclass
@@ -141,6 +149,67 @@ class EpochTimer(pl.Callback):
         self.cpu.append(cpu - self._c)
         self.cache.append(_cache_state(trainer))
         self._t, self._c, self._n = now, cpu, 0
+
+
+class JobTimer(pl.Callback):
+    """Wall-clock stamps of a whole ``fit``, written as JSON when the fit ends.
+
+    Given to ``python -m tlfinetune fit`` as ``--trainer.callbacks+=bench_measure.JobTimer``
+    (with ``benchmarks/`` on ``PYTHONPATH``), so that the CLI a user runs is timed from inside
+    without changing it. Stamps are ``time.time()`` (comparable with the parent process that
+    launched the command) of: this callback's creation (imports and parsing done), ``setup``,
+    ``on_fit_start``, the sanity check, and per epoch the start of training, the start and end
+    of validation (this callback runs before ``ModelCheckpoint``, which Lightning puts last, so
+    the time from the end of validation to the next epoch's start is checkpointing and the
+    other end-of-epoch work) and the end of the training epoch; then ``on_fit_end`` and
+    ``teardown``. :func:`split_job` turns them into the report's columns.
+
+    Args:
+        path: JSON file to write.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.stamps: dict[str, Any] = {"created": time.time(), "epochs": []}
+
+    def _epoch(self, trainer: pl.Trainer) -> dict[str, float]:
+        while len(self.stamps["epochs"]) <= trainer.current_epoch:
+            self.stamps["epochs"].append({})
+        return self.stamps["epochs"][trainer.current_epoch]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:  # noqa: D102
+        self.stamps["setup"] = time.time()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
+        self.stamps["fit_start"] = time.time()
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
+        self.stamps["sanity_start"] = time.time()
+
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
+        self.stamps["sanity_end"] = time.time()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
+        self._epoch(trainer)["train_start"] = time.time()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
+        if not trainer.sanity_checking:
+            self._epoch(trainer)["val_start"] = time.time()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
+        if not trainer.sanity_checking:
+            self._epoch(trainer)["val_end"] = time.time()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
+        self._epoch(trainer)["train_end"] = time.time()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
+        self.stamps["fit_end"] = time.time()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:  # noqa: D102
+        self.stamps["teardown"] = time.time()
+        with open(self.path, "w", encoding="utf-8") as f:
+            json.dump(self.stamps, f)
 
 
 def _rss_bytes() -> int:

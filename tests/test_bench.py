@@ -105,3 +105,42 @@ def test_family_forward_speeds_print_a_ratio_per_backbone(capsys, one_thread):
     families("test_vgg16,test_regnet", batch=1, rounds=1, image_size=32)
     out = capsys.readouterr().out
     assert "test_vgg16" in out and "1.00x" in out and "test_regnet" in out
+
+
+def test_seed_job_phases_add_up_to_the_whole_command():
+    from bench_job import COLUMNS, split_job
+
+    # Lightning's order: validation inside the training epoch, checkpoints after it.
+    stamps = {
+        "fit_start": 3.0,
+        "sanity_start": 3.5,
+        "sanity_end": 4.5,
+        "epochs": [
+            {"train_start": 5.0, "val_start": 14.0, "val_end": 15.0, "train_end": 15.0},
+            {"train_start": 15.5, "val_start": 15.7, "val_end": 15.8, "train_end": 15.8},
+            {"train_start": 16.0, "val_start": 16.2, "val_end": 16.3, "train_end": 16.3},
+        ],
+        "fit_end": 16.6,
+    }
+    parts = split_job(stamps, launch=1.0, exit_=18.0)
+    assert parts["startup"] == pytest.approx(
+        3.0
+    )  # launch to the first epoch, less the sanity check
+    assert parts["sanity"] == pytest.approx(1.0)
+    assert (parts["first_train"], parts["first_val"]) == pytest.approx((9.0, 1.0))
+    assert (parts["later_train"], parts["later_val"]) == pytest.approx((0.4, 0.2))
+    assert parts["between"] == pytest.approx(0.5 + 0.2 + 0.3)  # the last: to the end of fit
+    assert parts["end"] == pytest.approx(1.4)
+    assert parts["in_fit"] == pytest.approx(13.6) and parts["epochs"] == 3
+    phases = sum(parts[k] for k, _ in COLUMNS if k != "total")
+    assert phases == pytest.approx(parts["total"]) and parts["total"] == pytest.approx(17.0)
+
+    # Keras: no sanity check, epochs end after their validation; an epoch without validation.
+    keras = {"fit_start": 2.0, "epochs": [{"train_start": 2.0, "train_end": 6.0}], "fit_end": 6.5}
+    parts = split_job(keras, launch=0.0, exit_=7.0)
+    assert (parts["sanity"], parts["first_val"], parts["between"]) == pytest.approx((0, 0, 0.5))
+    assert parts["first_train"] == pytest.approx(4.0)
+
+    stamps["epochs"][1]["val_start"] = 14.0  # before its epoch started: refused, not reported
+    with pytest.raises(ValueError, match="not in order"):
+        split_job(stamps, launch=1.0, exit_=18.0)
