@@ -39,7 +39,6 @@ from tlfinetune.predict import PredictionWriter
 from tlfinetune.report import EvaluationReport, LearningCurves
 from tlfinetune.runs import (
     AtomicCheckpointIO,
-    BackgroundCheckpointIO,
     RunCheckpoint,
     RunLogger,
     find_last_checkpoint,
@@ -198,12 +197,10 @@ class TLFinetuneCLI(LightningCLI):
         trainer_config = self.config_init[self.subcommand].trainer
         root = trainer_config.default_root_dir or "runs"
         check_writable(Path(root))
-        # Checkpoints are written atomically and only ever read with weights_only=True; fit
-        # writes them on a background thread while the next epoch trains.
+        # Checkpoints are written atomically and only ever read with weights_only=True.
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
-        io = BackgroundCheckpointIO() if self.subcommand == "fit" else AtomicCheckpointIO()
-        kwargs["plugins"] = [*plugins, io]
+        kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         if trainer_config.get("precision") is None:
             kwargs["precision"] = self._fastest_precision(trainer_config.get("accelerator"))
         if self.subcommand == "fit":
