@@ -12,6 +12,7 @@ own options.
 from __future__ import annotations
 
 import difflib
+import gc
 import logging
 import os
 import re
@@ -391,6 +392,13 @@ def main(args: ArgsType = None) -> None:
         raise SystemExit(2) from None
     finally:
         close_process_group()
+        if args is None:
+            # The process ends here (`python -m tlfinetune`, the `tlfinetune` script). At exit
+            # Python walks every object torch, Lightning and the run left for garbage cycles:
+            # 1.3-2.1 s on a 2-core CPU, 0.4-0.7 s with them frozen (the seed's whole job takes
+            # about 20 s). atexit handlers, thread joins and the closing of files run as before.
+            # Not done for a caller that passes `args` (tests, notebooks): its process goes on.
+            gc.freeze()
 
 
 def close_process_group() -> None:
