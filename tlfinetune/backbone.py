@@ -31,6 +31,7 @@ network's size; no ImageNet weights exist for it.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import urllib.error
 from collections import OrderedDict
@@ -578,12 +579,37 @@ def load_weights(backbone: nn.Module, name: str, weights: str) -> LoadedWeights:
 def feature_shape(backbone: nn.Module, name: str, image_size: int) -> tuple[int, int, int]:
     """``(C, H, W)`` of the feature map ``backbone`` makes from ``image_size`` images.
 
-    Measured with a zero image, as Keras derives it, rather than computed from the architecture.
+    Measured with a zero image, as Keras derives it, rather than computed from the architecture
+    (on the meta device: :func:`probe_shape`).
     """
-    c, h, w = probe(backbone, image_size).shape[1:]
+    c, h, w = probe_shape(backbone, image_size)[1:]
     if h == 0 or w == 0:
         raise ConfigError(f"image_size={image_size} is too small for {name}: use 32 or more.")
     return int(c), int(h), int(w)
+
+
+def probe_shape(module: nn.Module, image_size: int) -> torch.Size:
+    """The shape of :func:`probe`'s output, found without its arithmetic.
+
+    The module runs on the meta device (parameters and buffers swapped for meta tensors of the
+    same shape, as in inference): shapes only, no numbers. A VGG16 probe at 224 px took 0.4-1 s
+    of a 2-core CPU, twice per fit (the head's input, the feature cache's size). A module that
+    cannot run there (an operation without a meta kernel) is probed for real.
+    """
+    tensors = {
+        name: t.to("meta")
+        for name, t in itertools.chain(module.named_parameters(), module.named_buffers())
+    }
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            image = torch.zeros(1, 3, image_size, image_size, device="meta")
+            return torch.func.functional_call(module.eval(), tensors, (image,)).shape
+    except Exception:  # noqa: BLE001 - any failure on meta: the real probe says what is wrong
+        return probe(module, image_size).shape
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def probe(module: nn.Module, image_size: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, default_collate
 
-from tlfinetune.backbone import probe
+from tlfinetune.backbone import probe_shape
 from tlfinetune.sampling import ResumableDataLoader
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ class FeatureCache(pl.Callback):
         self._originals: dict[str, Any] = {}  # the datamodule's own loaders, built once
         self._hook: Any = None
         self._worth: dict[int, bool] = {}
+        self._digests: dict[int, bytes] = {}  # start -> digest of backbone[:start]'s weights
         self._folders: list[Path] = []
 
     @staticmethod
@@ -263,6 +264,7 @@ class FeatureCache(pl.Callback):
             self._trainer.reload_dataloaders_every_n_epochs = 0
         self._disarm()
         self._store, self._keys, self._capture, self._originals = {}, {}, {}, {}
+        self._digests = {}
         self._refused = set()
         self._serving = self._set_reload = self.active = False
         for folder in self._folders:
@@ -358,7 +360,7 @@ class FeatureCache(pl.Callback):
         if start == 0:
             return False
         size = self._module.hparams.image_size or self._trainer.datamodule.image_size
-        out = probe(self._module.backbone[:start], size)
+        out = probe_shape(self._module.backbone[:start], size)
         return out.numel() < 3 * size * size  # else reading images is cheaper than the cache
 
     # --- building ----------------------------------------------------------------------------
@@ -378,8 +380,7 @@ class FeatureCache(pl.Callback):
             getattr(dm, "seed", None),
         ):
             h.update(repr(part).encode())
-        for p in module.backbone[:start].state_dict().values():  # reshape: BN's 0-d counters
-            h.update(memoryview(p.detach().cpu().reshape(-1).view(torch.uint8).numpy()))
+        h.update(self._weights_digest(start))
         for name in ("files", "images", "labels"):  # what the dataset is made of
             value = getattr(dataset, name, None)
             if isinstance(value, torch.Tensor):
@@ -387,6 +388,19 @@ class FeatureCache(pl.Callback):
             elif value is not None:
                 h.update(repr(value).encode())
         return h.hexdigest()[:16]
+
+    def _weights_digest(self, start: int) -> bytes:
+        # While a fit is served the prefix stays frozen from its start to the end of its phase
+        # (phases only unfreeze), so train and val share one pass over its weights (59 MB for
+        # VGG16). Outside a fit nothing is remembered: the weights may have changed.
+        if start in self._digests:
+            return self._digests[start]
+        h = hashlib.sha1()
+        for p in self._module.backbone[:start].state_dict().values():  # reshape: BN's 0-d
+            h.update(memoryview(p.detach().cpu().reshape(-1).view(torch.uint8).numpy()))
+        if self._serving:
+            self._digests[start] = h.digest()
+        return h.digest()
 
     # --- capturing ---------------------------------------------------------------------------
 
