@@ -26,6 +26,7 @@ images/s is divided by their mean.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shlex
@@ -169,12 +170,10 @@ def seed_job(
     if epochs < 2:
         raise ConfigError(f"--epochs must be at least 2 (first and later epochs), got {epochs}.")
     notes: list[str] = []
-    if policy_list:
-        try:
-            import tensorflow  # type: ignore[import-not-found]  # noqa: F401
-        except ImportError:
-            notes.append(f"Keras skipped: TensorFlow is not installed in {sys.executable}.")
-            policy_list = []
+    # Found, not imported: the Keras process imports it; here it would only take memory.
+    if policy_list and importlib.util.find_spec("tensorflow") is None:
+        notes.append(f"Keras skipped: TensorFlow is not installed in {sys.executable}.")
+        policy_list = []
     command = "python benchmarks/bench.py --job seed " + shlex.join(
         f"--{k}={v}"
         for k, v in (

@@ -144,3 +144,29 @@ def test_seed_job_phases_add_up_to_the_whole_command():
     stamps["epochs"][1]["val_start"] = 14.0  # before its epoch started: refused, not reported
     with pytest.raises(ValueError, match="not in order"):
         split_job(stamps, launch=1.0, exit_=18.0)
+
+
+def test_seed_job_report_gives_keras_over_tlfinetune():
+    from bench_job import COLUMNS, job_markdown
+
+    def row(setup, precision, scale):
+        r = {k: scale for k, _ in COLUMNS}
+        r.update(setup=setup, precision=precision, in_fit=4 * scale, first_ips=25.5 / scale)
+        r.update(bound=25.5 if setup == "tlfinetune" else float("nan"), load=1.0)
+        return r
+
+    rows = [row("tlfinetune", "bf16-mixed", 1.0), row("Keras (TensorFlow)", "float32", 20.0)]
+    rows[1]["data_load"] = 3.0
+    text = job_markdown(
+        {
+            "config": {"data": "d", "epochs": 10},
+            "command": "c",
+            "machine": "m",
+            "rows": rows,
+            "notes": ["n"],
+        }
+    )
+    assert "| tlfinetune | bf16-mixed | 1.00 | 1.00 |" in text  # start-up, sanity check, ...
+    assert "| 25.5 | 1.00× (25.5) |" in text  # first epoch img/s over the bound
+    assert "| float32 | bf16-mixed | 20.0× | 20.0× | 20.0× | 20.0× |" in text
+    assert "loading the arrays: float32 3.0 s" in text
