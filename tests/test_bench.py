@@ -170,3 +170,17 @@ def test_seed_job_report_gives_keras_over_tlfinetune():
     assert "| 25.5 | 1.00× (25.5) |" in text  # first epoch img/s over the bound
     assert "| float32 | bf16-mixed | 20.0× | 20.0× | 20.0× | 20.0× |" in text
     assert "loading the arrays: float32 3.0 s" in text
+
+
+def test_bench_job_flag_picks_the_seed_job_and_rejects_others(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--job", "seed", "--help"])
+    assert exc.value.code == 0
+    assert "--precisions" in capsys.readouterr().out
+    for args, word in ((["--job=seed", "--precisions=bf16-mixed,64-true"], "64-true"),
+                       (["--job", "nightly"], "nightly")):  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            main([*args, f"--output={tmp_path / 'x.md'}"])
+        assert exc.value.code == 2
+        assert word in capsys.readouterr().err
+    assert not (tmp_path / "x.md").exists()
