@@ -118,6 +118,27 @@ def test_a_run_stopped_mid_epoch_resumes_where_it_stood(tmp_path, uninterrupted,
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
 
+class CrashInValidation(pl.Callback):
+    """A crash in epoch 0's validation: after its last batch trained, before its end."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            raise KeyboardInterrupt
+
+
+def test_a_save_due_on_the_last_batch_waits_for_the_epoch_end(tmp_path, uninterrupted):
+    """A checkpoint taken on an epoch's last batch made Lightning skip the next epoch on resume;
+    saved every step, the last mid-epoch checkpoint is the one before the last batch."""
+    whole, whole_seen = uninterrupted
+    with pytest.raises(SystemExit):
+        fit(tmp_path, CrashInValidation(), trigger="time")
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 9
+    resumed, after = fit(tmp_path, ckpt=tmp_path / "last.ckpt")
+    assert [(e, b) for e, b, _ in after] == [(e, b) for e, b, _ in whole_seen if (e, b) >= (0, 9)]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
 def test_sigkill_mid_epoch_and_resume_from_the_command_line(tmp_path, monkeypatch):
     """`--checkpoint.every_n_train_steps`, SIGKILL inside a cached epoch, `fit --ckpt_path last`.
 

@@ -54,8 +54,23 @@ class RunCheckpoint(ModelCheckpoint):
 
     Lightning 2.6 writes ``last.ckpt`` only in the epochs where the monitored metric made the
     top k, so after an epoch without improvement ``last.ckpt`` is older than the run and a
-    resume silently repeats epochs. Here it is written at every epoch end.
+    resume silently repeats epochs. Here it is written at every epoch end, and mid-epoch saves
+    (``every_n_train_steps``, ``train_time_interval``) skip an epoch's last batch, which the
+    epoch-end save covers.
     """
+
+    def on_train_batch_end(  # noqa: D102
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning 2.6 resumes a checkpoint taken on an epoch's last batch (before that epoch's
+        # validation and end) into the next epoch with its batches counted as done: a whole
+        # epoch is skipped. The epoch-end save of last.ckpt follows moments later, so a step or
+        # time save due on the last batch is left to it (a crash in between resumes from the
+        # save before, repeating at most one interval).
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: D102
         super().on_validation_end(trainer, pl_module)
