@@ -5,7 +5,8 @@ process on one compute thread (``OMP_NUM_THREADS=1``, inherited by every process
 the tests' models are tiny, and a second thread per process only competes for the two cores.
 Tests that start two DDP processes carry ``xdist_group("ddp")`` and so run one after another on
 one worker: two of them at once put four busy-polling gloo processes on two cores (measured: the
-suite took 4 min 18 s that way against 3 min 08 s).
+suite took 4 min 18 s that way against 3 min 08 s). The ``slow`` tests are handed out first
+(see ``pytest_collection_modifyitems``).
 """
 
 import logging
@@ -26,6 +27,17 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # The benchmark harness lives beside the package (benchmarks/bench.py), run as a script there;
 # its tests import it as the script itself does, from its own folder.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The ``slow`` tests first, each group in its file order.
+
+    xdist hands tests out in this order (the "ddp" group, its largest unit, goes first anyway):
+    long tests started early overlap with the DDP worker's group, and the short ones fill both
+    workers up to the end. In file order, a 15 s command-line test could start last and run
+    alone while the other worker idled.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
 
 
 @pytest.fixture(scope="session", autouse=True)
