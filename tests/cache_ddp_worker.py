@@ -1,10 +1,9 @@
-"""Run by test_cache_ddp.py as `python cache_ddp_worker.py OUT`: 2-process DDP (gloo) on CPU.
+"""The feature-cache run of test_cache_ddp.py, launched by ddp_worker.py: 2-process DDP (gloo).
 
 Fits the same model twice, with and without the feature cache, from a frozen backbone that a
 milestone partly unfreezes (two freeze phases), and saves each rank's results.
 """
 
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -66,7 +65,7 @@ def fit(cache: bool) -> dict:
     }
 
 
-if __name__ == "__main__":
-    out = Path(sys.argv[1])
+def run(out: Path) -> None:
+    """Both fits; each rank's results to OUT/rank<i>.pt."""
     cached, plain = fit(True), fit(False)
     torch.save({"cached": cached, "plain": plain}, out / f"rank{cached['rank']}.pt")

@@ -48,6 +48,21 @@ def _private_demo_cache(tmp_path_factory: pytest.TempPathFactory):
         yield
 
 
+@pytest.fixture(scope="session")
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The DDP runs of test_distributed.py and test_cache_ddp.py, launched once for both.
+
+    Each DDP launch starts two interpreters one after the other (~5 s of imports each); both
+    tests are in the "ddp" group, so one worker runs them and this fixture once.
+    Returns the folder with ``milestone/`` and ``cache/`` (see tests/ddp_worker.py).
+    """
+    from tiny import run_worker
+
+    out = tmp_path_factory.mktemp("ddp_runs")
+    run_worker("ddp_worker.py", out)
+    return out
+
+
 @pytest.fixture
 def make_image() -> Callable[..., Path]:
     """``make_image(path, color=(r, g, b), size=(w, h), fmt=None)`` writes a solid RGB image.

@@ -1,8 +1,15 @@
-"""Run by test_distributed.py as `python ddp_worker.py OUT`: 2-process DDP (gloo) on CPU."""
+"""`python ddp_worker.py OUT`: the DDP runs of test_distributed.py and test_cache_ddp.py.
+
+2-process DDP (gloo) on CPU. Both runs share one launch (conftest's ``ddp_runs`` fixture): each
+launch costs two interpreter starts, one after the other, most of a DDP test's time. The
+milestone run writes under OUT/milestone, the feature-cache run (cache_ddp_worker.py) under
+OUT/cache.
+"""
 
 import sys
 from pathlib import Path
 
+import cache_ddp_worker
 import lightning.pytorch as pl
 import torch
 from tiny import TinyData
@@ -12,8 +19,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from tlfinetune import FreezeSchedule, TransferClassifier
 from tlfinetune.predict import PredictionWriter
 
-if __name__ == "__main__":
-    out = Path(sys.argv[1])
+
+def milestone_run(out: Path) -> None:
+    """Partial regimes whose milestone unfreezes a block at epoch 2: VGG (then 9 images
+    predicted) and RegNet (a BatchNorm family)."""
     pl.seed_everything(0)
     model = TransferClassifier(
         backbone="test_vgg16", weights="none", num_classes=3, image_size=32, channels_last=False
@@ -59,3 +68,10 @@ if __name__ == "__main__":
         },
         out / f"rank{rank}.pt",
     )
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1])
+    for name, run in (("milestone", milestone_run), ("cache", cache_ddp_worker.run)):
+        (root / name).mkdir(exist_ok=True)
+        run(root / name)

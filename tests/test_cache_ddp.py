@@ -2,14 +2,13 @@
 
 import pytest
 import torch
-from tiny import run_worker
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ddp")  # see conftest.py
-def test_cached_ddp_equals_uncached_ddp(tmp_path):
-    run_worker("cache_ddp_worker.py", tmp_path)
-    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1)]
+def test_cached_ddp_equals_uncached_ddp(ddp_runs):
+    out = ddp_runs / "cache"  # tests/cache_ddp_worker.py
+    ranks = [torch.load(out / f"rank{i}.pt", weights_only=False) for i in (0, 1)]
     for r in ranks:
         cached, plain = r["cached"], r["plain"]
         # Phase 1 (frozen, epochs 0-1) and phase 2 (block5 on, epochs 2-3): each phase's first

@@ -2,16 +2,14 @@
 
 import pytest
 import torch
-from tiny import run_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ddp")]  # see conftest.py
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """One worker run (2 processes) for both tests: VGG with predict, then RegNet."""
-    out = tmp_path_factory.mktemp("ddp")
-    run_worker("ddp_worker.py", out)
+def ranks(ddp_runs):
+    """The worker's milestone run (2 processes) for both tests: VGG with predict, then RegNet."""
+    out = ddp_runs / "milestone"  # tests/ddp_worker.py
     return out, [torch.load(out / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
 
 
