@@ -1,11 +1,12 @@
-"""`python ddp_worker.py OUT`: the DDP runs of test_distributed.py and test_cache_ddp.py.
+"""`python ddp_worker.py OUT`: the DDP runs of test_distributed.py, test_cache_ddp.py and
+test_report.py.
 
-2-process DDP (gloo) on CPU. Both runs share one launch (conftest's ``ddp_runs`` fixture): each
-launch costs two interpreter starts, one after the other, most of a DDP test's time. The
-milestone run writes under OUT/milestone, the feature-cache run (cache_ddp_worker.py) under
-OUT/cache.
+2-process DDP (gloo) on CPU. The runs share one launch (conftest's ``ddp_runs`` fixture): each
+launch costs two interpreter starts, one after the other, most of a DDP test's time. Each run
+writes under OUT/<its name>: milestone, cache (cache_ddp_worker.py), report.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tlfinetune import FreezeSchedule, TransferClassifier
 from tlfinetune.predict import PredictionWriter
+from tlfinetune.report import EvaluationReport
 
 
 def milestone_run(out: Path) -> None:
@@ -70,8 +72,25 @@ def milestone_run(out: Path) -> None:
     )
 
 
+def report_run(out: Path) -> None:
+    """`Trainer.test` with the evaluation report: rank 0 writes it, from both ranks' images."""
+    data = TinyData(n=26)  # 13 per process: no sample repeated by the DistributedSampler
+    model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)
+    t = tiny_trainer(
+        devices=2,
+        strategy="ddp",
+        default_root_dir=out,
+        callbacks=[EvaluationReport(max_mistakes=5)],
+    )
+    (logged,) = t.test(model, data)
+    if t.global_rank == 0:
+        (out / "logged.json").write_text(json.dumps(logged))
+
+
+RUNS = {"milestone": milestone_run, "cache": cache_ddp_worker.run, "report": report_run}
+
 if __name__ == "__main__":
     root = Path(sys.argv[1])
-    for name, run in (("milestone", milestone_run), ("cache", cache_ddp_worker.run)):
+    for name, run in RUNS.items():
         (root / name).mkdir(exist_ok=True)
         run(root / name)

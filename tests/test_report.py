@@ -1,6 +1,5 @@
 import json
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -202,17 +201,11 @@ def test_evaluation_report_runs_at_validate_and_test_not_during_fit(tmp_path, ca
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ddp")  # see conftest.py
-def test_evaluation_report_gathers_predictions_from_all_processes(tmp_path):
-    data = TinyData(n=26)  # 13 per process: no sample repeated by the DistributedSampler
-    model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=3, image_size=32)
-    t = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[EvaluationReport(max_mistakes=5)],
-    )  # fmt: skip
-    (logged,) = t.test(model, data)
-    metrics = json.loads((tmp_path / "test_report" / "metrics.json").read_text())
+def test_evaluation_report_gathers_predictions_from_all_processes(ddp_runs):
+    out = ddp_runs / "report"  # tests/ddp_worker.py: Trainer.test of 26 images on 2 processes
+    logged = json.loads((out / "logged.json").read_text())
+    metrics = json.loads((out / "test_report" / "metrics.json").read_text())
     assert metrics["num_samples"] == 26
     assert metrics["accuracy"] == pytest.approx(logged["test/acc"])
     assert sum(map(sum, metrics["confusion_matrix"])) == 26
-    assert_png(tmp_path / "test_report" / "confusion_matrix.png", (500, 500))
+    assert_png(out / "test_report" / "confusion_matrix.png", (500, 500))
