@@ -50,11 +50,12 @@ def _private_demo_cache(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The DDP runs of test_distributed.py and test_cache_ddp.py, launched once for both.
+    """The DDP runs of test_distributed.py, test_cache_ddp.py and test_report.py, launched once.
 
-    Each DDP launch starts two interpreters one after the other (~5 s of imports each); both
-    tests are in the "ddp" group, so one worker runs them and this fixture once.
-    Returns the folder with ``milestone/`` and ``cache/`` (see tests/ddp_worker.py).
+    Each DDP launch starts two interpreters one after the other (~5 s of imports each); the
+    three tests are in the "ddp" group, so one worker runs them and this fixture once. A failing
+    run fails all three, with the worker's stderr. Returns the folder with ``milestone/``,
+    ``cache/`` and ``report/`` (see tests/ddp_worker.py).
     """
     from tiny import run_worker
 
