@@ -64,7 +64,7 @@ from bench_measure import (
     measure_decode,
 )
 from bench_peers import keras_peer, torch_peer
-from bench_report import _machine, markdown
+from bench_report import _machine, markdown, publish
 from bench_setting import _Setting
 from jsonargparse import CLI
 from PIL import Image
@@ -454,10 +454,8 @@ def bench(
     report = markdown(results)
     del results["_rows"]
     results["markdown"] = report
-    print(report)
+    publish(report, output)
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(report, encoding="utf-8")
         _progress(f"wrote {output}")
     return results
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 from bench_measure import _release_memory, forward_bound
-from bench_report import _machine
+from bench_report import _machine, publish
 
 from tlfinetune import backbone as bb
 from tlfinetune.errors import ConfigError
@@ -291,10 +291,8 @@ def seed_job(
     }
     report = job_markdown(results)
     results["markdown"] = report
-    print(report)
+    publish(report, output)
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(report, encoding="utf-8")
         _progress(f"wrote {output}")
     return results
 

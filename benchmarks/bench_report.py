@@ -122,3 +122,11 @@ def _machine(device: torch.device) -> str:
         f"lightning {lightning.__version__}"
     )
     return "; ".join(parts)
+
+
+def publish(report: str, output: str | None) -> None:
+    """Print ``report``; also write it to ``output`` (its folder made) when one is given."""
+    print(report)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(report, encoding="utf-8")
