@@ -174,7 +174,7 @@ def scale(
     out["peak RSS MB"] = round(peak_rss_mb())
     if predict:
         ckpt = Path(folder) / f"scale-{image_size}px.ckpt"
-        trainer.save_checkpoint(ckpt)
+        trainer.save_checkpoint(ckpt, weights_only=False)  # a full checkpoint, as fit writes
         measured = run_measured(
             ["predict", f"--ckpt_path={ckpt}", f"--data.predict_dir={root}",
              "--data.batch_size=64", "--trainer.enable_progress_bar=false",
