@@ -162,8 +162,9 @@ def cache_data():
     )
 
 
-# The cache test per family on the tiny stand-ins (same family table entries, ~1 s each).
-CACHE_FAMILIES = {
+# One tiny stand-in per family (same family table entries; ~1 s to fit), with the stage a
+# test unfreezes from besides the default partial one: the cache and export tests.
+STAND_INS = {
     "test_resnet": "layer3",
     "test_efficientnet": "stage2",
     "test_mobilenet_v3": "stage2",
@@ -171,7 +172,7 @@ CACHE_FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("name", CACHE_FAMILIES)
+@pytest.mark.parametrize("name", STAND_INS)
 def test_feature_cache_equals_training_through_the_images(name, monkeypatch):
     """Every family, with a milestone that rebuilds the cache for an earlier stage. ConvNeXt:
     stochastic depth in the cached prefix; RegNet, ResNet, EfficientNet, MobileNet, DenseNet:
@@ -185,9 +186,7 @@ def test_feature_cache_equals_training_through_the_images(name, monkeypatch):
         torch.manual_seed(0)
         model = TransferClassifier(backbone=name, weights="none", feature_cache=cache)
         store = FeatureCache()
-        earlier = {"test_convnext": "stage2", "test_regnet": "block2"}.get(
-            name, CACHE_FAMILIES[name]
-        )
+        earlier = {"test_convnext": "stage2", "test_regnet": "block2"}.get(name, STAND_INS[name])
         schedule = FreezeSchedule(regime="partial", milestones={2: earlier}, backbone_lr_ratio=1.0)
         if name == "test_vit":
             schedule = FreezeSchedule(regime="partial", unfreeze_from=1, backbone_lr_ratio=1.0)
@@ -296,7 +295,7 @@ def test_densenet_files_with_torchvisions_old_key_names_load(tmp_path):
 # exporter (the fallback without onnxscript, which also runs export's own parity check at batch
 # 1 and 3). About 36 CPU seconds in all (ONNX 2.3-4.6 s a family); VGG: tests/test_export.py.
 @pytest.mark.parametrize("fmt", ["onnx", "pt2", "legacy"])
-@pytest.mark.parametrize("name", CACHE_FAMILIES)
+@pytest.mark.parametrize("name", STAND_INS)
 def test_export_of_every_family_matches_the_model(name, fmt, tmp_path, monkeypatch):
     from tlfinetune import export as ex
 
