@@ -27,6 +27,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
 from tlfinetune import backbone as bb
+from tlfinetune import fusion
 from tlfinetune.balance import ClassWeights, resolve_class_weights
 from tlfinetune.cache import CachedBatch, FeatureCache
 from tlfinetune.errors import ConfigError, TLFinetuneError
@@ -283,9 +284,9 @@ class TransferClassifier(pl.LightningModule):
         if k and torch.is_grad_enabled():
             # The frozen prefix needs no autograd graph: a frozen step costs about one forward.
             with torch.no_grad():
-                x = self.backbone[:k](x)
+                x = fusion.run(self.backbone[:k], x)
             return self.backbone[k:](x) if k < len(self.backbone) else x
-        return self.backbone(x)
+        return fusion.run(self.backbone, x)  # as self.backbone(x) where a graph is recorded
 
     tta: str = "none"
     """Test-time augmentation of the forward pass outside training: ``none`` or ``flip`` (the
@@ -323,7 +324,7 @@ class TransferClassifier(pl.LightningModule):
             x, y = batch.features, batch.labels
             if self.hparams.channels_last and x.dim() == 4:  # ViT's tokens are (N, T, C)
                 x = x.contiguous(memory_format=torch.channels_last)
-            logits = self.head(self.backbone[batch.start :](x))
+            logits = self.head(fusion.run(self.backbone[batch.start :], x))
         else:  # (images, labels), or an ImageBatch that also carries positions for the cache
             x, y = batch[0], batch[1]
             logits = self(x)
