@@ -19,8 +19,9 @@ check, first epoch training and validation, later epochs training and validation
 epochs, the end, the total), whose sum is the whole command's wall time; the ratio Keras ÷
 tlfinetune is given per precision of tlfinetune, for the total and for the time inside fit.
 The no_grad forward bound of the backbone at 224 px (batch 32, channels-last, each precision) is
-measured in this process before and after each tlfinetune run, and the first epoch's training
-images/s is divided by their mean.
+measured in this process before and after each tlfinetune run, as ``features(x)`` and as
+tlfinetune runs frozen layers (:func:`tlfinetune.fusion.run`), and the first epoch's training
+images/s is divided by each one's mean.
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ def seed_job(
 
     Returns:
         ``config``, ``command``, ``machine``, ``rows`` (one dict per run: ``setup``,
-        ``precision``, the phases of :data:`COLUMNS`, ``in_fit``, ``first_ips``, ``bound``),
-        ``notes`` and the ``markdown`` report.
+        ``precision``, the phases of :data:`COLUMNS`, ``in_fit``, ``first_ips``, ``bound``,
+        ``bound_fused``), ``notes`` and the ``markdown`` report.
     """
     from bench import write_images  # bench.py imports this module: import it when called
 
@@ -206,16 +207,21 @@ def seed_job(
         )
         train_images = sum(1 for p in (root / "train").rglob("*") if p.is_file())
 
-        def bound(precision: str) -> float:
+        def bounds(precision: str) -> tuple[float, float]:
+            # (plain, fused): the module's own forward, and tlfinetune's (fusion.run)
             _release_memory()
             features = bb.build_backbone("vgg16")
             run = "bf16-mixed" if precision == "bf16-mixed" else "32-true"
-            return forward_bound(
-                features, BATCH, IMAGE_SIZE, run, torch.device("cpu"), True, bound_seconds
-            )
+            return tuple(
+                forward_bound(
+                    features, BATCH, IMAGE_SIZE, run, torch.device("cpu"), True, bound_seconds,
+                    fused=fused,
+                )
+                for fused in (False, True)
+            )  # fmt: skip
 
         for precision in precision_list:
-            before = bound(precision)
+            before = bounds(precision)
             folder = work / f"tlfinetune-{precision}"
             stamps = folder / "stamps.json"
             folder.mkdir(parents=True, exist_ok=True)
@@ -235,7 +241,9 @@ def seed_job(
             _progress(f"tlfinetune {precision}: {shlex.join(cmd[1:])}")
             row = _run(cmd, env, folder, stamps, folder / "output.log")
             row.update(setup="tlfinetune", precision=precision)
-            row["bound"] = (before + bound(precision)) / 2
+            after = bounds(precision)
+            row["bound"] = (before[0] + after[0]) / 2
+            row["bound_fused"] = (before[1] + after[1]) / 2
             row["first_ips"] = train_images / row["first_train"]
             rows.append(row)
             _progress(f"tlfinetune {precision}: {row['total']:.1f} s")
@@ -256,7 +264,7 @@ def seed_job(
             keras_stamps = json.loads(stamps.read_text(encoding="utf-8"))
             row["data_load"] = keras_stamps["loaded"] - keras_stamps["imported"]
             row.update(setup="Keras (TensorFlow)", precision=policy)
-            row["bound"] = float("nan")
+            row["bound"] = row["bound_fused"] = float("nan")
             row["first_ips"] = train_images / row["first_train"]
             rows.append(row)
             _progress(f"Keras {policy}: {row['total']:.1f} s")
@@ -273,7 +281,9 @@ def seed_job(
         "in fit: on_fit_start (Keras on_train_begin) to the end of fit.",
         "first epoch img/s ÷ bound: the first epoch's training images/s over the no_grad "
         "forward images/s of VGG16 at 224 px, batch 32, channels-last, at the run's precision, "
-        "measured in the benchmark's process just before and after the run (their mean).",
+        "measured in the benchmark's process just before and after the run (their mean): "
+        "`features(x)` as a hand-written loop runs it, and fused as tlfinetune runs frozen "
+        "layers (tlfinetune.fusion: each Conv2d + ReLU one oneDNN kernel on CPU).",
         "Keras ÷ tlfinetune: each Keras run's time over this tlfinetune run's, total and in fit.",
     ]
     results: dict[str, Any] = {
@@ -309,7 +319,7 @@ def job_markdown(results: dict[str, Any]) -> str:
     """The report: the setting, one row per run with its phases, and the ratios."""
     cfg, rows = results["config"], results["rows"]
     head = ["setup", "precision", *(h for _, h in COLUMNS), "in fit", "first epoch img/s"]
-    head += ["÷ bound (bound img/s)", "load"]
+    head += ["÷ bound (bound img/s)", "÷ fused bound (img/s)", "load"]
     lines = [
         "## The seed's job: VGG16 frozen, Flatten-256-5, Adam, batch 32, 224 px",
         "",
@@ -324,9 +334,12 @@ def job_markdown(results: dict[str, Any]) -> str:
         "|" + "---|" * len(head),
     ]
     for r in rows:
-        ratio = r["first_ips"] / r["bound"] if r["bound"] == r["bound"] else float("nan")
         cells = [r["setup"], r["precision"], *(_f(r[k]) for k, _ in COLUMNS), _f(r["in_fit"])]
-        cells += [_f(r["first_ips"], 1), f"{_f(ratio)}× ({_f(r['bound'], 1)})", _f(r["load"])]
+        cells.append(_f(r["first_ips"], 1))
+        for key in ("bound", "bound_fused"):
+            ratio = r["first_ips"] / r[key] if r[key] == r[key] else float("nan")
+            cells.append(f"{_f(ratio)}× ({_f(r[key], 1)})")
+        cells.append(_f(r["load"]))
         lines.append("| " + " | ".join(cells) + " |")
     ours = [r for r in rows if r["setup"] == "tlfinetune"]
     theirs = [r for r in rows if r["setup"] != "tlfinetune"]
