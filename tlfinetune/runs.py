@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import os
 import re
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -56,8 +58,13 @@ class RunCheckpoint(ModelCheckpoint):
     top k, so after an epoch without improvement ``last.ckpt`` is older than the run and a
     resume silently repeats epochs. Here it is written at every epoch end, and mid-epoch saves
     (``every_n_train_steps``, ``train_time_interval``) skip an epoch's last batch, which the
-    epoch-end save covers.
+    epoch-end save covers. In an epoch that improves the monitored metric, ``last.ckpt`` is a
+    hard link to the best checkpoint saved at the same step (same contents, one write; with
+    :class:`AtomicCheckpointIO`, whose renames never write into a linked file).
     """
+
+    # (path, global step, last_model_path) of the last checkpoint written, for a same-step twin
+    _twin: tuple[str, int, str] | None = None
 
     def on_train_batch_end(  # noqa: D102
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -82,10 +89,54 @@ class RunCheckpoint(ModelCheckpoint):
         if self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_missed(trainer)
 
+    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        # In an epoch that improves the monitored metric, the best checkpoint and last.ckpt are
+        # written at the same step with the same contents (135 MB for VGG16): the second becomes
+        # a hard link to the first, renamed into place as atomically as a write.
+        twin = self._twin
+        if (
+            twin is not None
+            and filepath == self.last_model_path
+            and twin[1:] == (trainer.global_step, filepath)  # ...which the twin's state names
+            and _replaces_files(trainer)
+            and self._link(trainer, twin[0], filepath)
+        ):
+            self._last_global_step_saved = trainer.global_step
+            self._last_checkpoint_saved = filepath
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.after_save_checkpoint(proxy(self))
+            return
+        super()._save_checkpoint(trainer, filepath)
+        # What the file holds of this callback's state differs from a later save at the same
+        # step only in last_model_path, which Lightning sets just before saving last.ckpt.
+        self._twin = (filepath, trainer.global_step, self.last_model_path)
+
+    @staticmethod
+    def _link(trainer: Any, source: str, target: str) -> bool:
+        """``target`` as a hard link to ``source`` (rank 0); False where links are refused."""
+        ok = True
+        if trainer.is_global_zero:
+            path = Path(target)
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+            try:
+                os.link(source, tmp)
+                os.replace(tmp, path)
+            except OSError:  # e.g. a file system without hard links: written instead
+                Path(tmp).unlink(missing_ok=True)
+                ok = False
+        # Every rank takes the same branch: the save it falls back to is collective.
+        return bool(trainer.strategy.broadcast(ok))
+
     def _save_last_if_missed(self, trainer: Any) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             self._last_global_step_saved = trainer.global_step
+
+
+def _replaces_files(trainer: Any) -> bool:
+    # A checkpoint IO that wrote into an existing file would write into both names of a link.
+    return isinstance(getattr(trainer.strategy, "checkpoint_io", None), AtomicCheckpointIO)
 
 
 class _AppendingWriter(ExperimentWriter):

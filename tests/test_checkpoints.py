@@ -1,0 +1,104 @@
+"""RunCheckpoint: last.ckpt shares the best checkpoint's file when both are the same save."""
+
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from tiny import TinyData
+
+from tlfinetune import TransferClassifier
+from tlfinetune.runs import AtomicCheckpointIO, RunCheckpoint
+
+# val/loss per epoch: epochs 0 and 2 improve, 1 and 3 do not.
+LOSSES = [1.0, 1.1, 0.9, 1.2]
+
+
+class Scripted(TransferClassifier):
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", LOSSES[self.current_epoch], on_epoch=True, batch_size=len(batch[1]))
+
+
+def fit(folder, max_epochs, ckpt=None):
+    pl.seed_everything(0)
+    model = Scripted(backbone="test_vgg16", weights="none", feature_cache=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        logger=False,
+        default_root_dir=folder,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[RunCheckpoint(dirpath=folder, monitor="val/loss", mode="min", save_last=True)],
+        plugins=[AtomicCheckpointIO()],
+    )
+    trainer.fit(model, TinyData(n=8, batch_size=8), ckpt_path=ckpt)
+    return trainer
+
+
+def loaded(path, folder):
+    """The checkpoint's contents, with its run folder's name taken out of its paths."""
+
+    def plain(value):
+        if isinstance(value, dict):  # callback states are keyed by their settings: dirpath too
+            return {plain(k): plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(plain(v) for v in value)
+        if isinstance(value, str):
+            return value.replace(str(folder), "RUN")
+        return value
+
+    return plain(torch.load(path, weights_only=True))
+
+
+def same(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_last_links_the_best_saved_at_its_step_with_the_contents_of_a_write(
+    tmp_path, monkeypatch, one_thread, epochs
+):
+    linked = fit(tmp_path / "linked", epochs)
+    best = linked.checkpoint_callback.best_model_path
+    last = tmp_path / "linked" / "last.ckpt"
+    # Epoch 0's best file was saved before last.ckpt had a name to record: never its twin.
+    assert os.path.samefile(best, last) == (epochs == 3)
+    monkeypatch.setattr(RunCheckpoint, "_link", staticmethod(lambda *args: False))
+    fit(tmp_path / "written", epochs)
+    written = tmp_path / "written" / "last.ckpt"
+    assert os.stat(written).st_nlink == 1
+    assert same(loaded(last, tmp_path / "linked"), loaded(written, tmp_path / "written"))
+
+
+def test_a_later_last_replaces_the_link_and_leaves_the_best_alone(tmp_path, one_thread):
+    folder = tmp_path / "run"
+    trainer = fit(folder, 3)
+    best = trainer.checkpoint_callback.best_model_path
+    before = loaded(best, folder)
+    # Resumed from the linked last.ckpt: epoch 3 does not improve, so last.ckpt is written anew.
+    trainer = fit(folder, 4, ckpt=folder / "last.ckpt")
+    assert trainer.checkpoint_callback.best_model_path == best
+    assert sorted(p.name for p in folder.iterdir()) == sorted([os.path.basename(best), "last.ckpt"])
+    assert not os.path.samefile(best, folder / "last.ckpt")
+    assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 3
+    assert same(loaded(best, folder), before)
+
+
+def test_a_file_system_without_links_gets_a_written_last(tmp_path, monkeypatch, one_thread):
+    def refuse(*args, **kwargs):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    trainer = fit(tmp_path, 3)
+    best = trainer.checkpoint_callback.best_model_path
+    assert not os.path.samefile(best, tmp_path / "last.ckpt")
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
