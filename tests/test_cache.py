@@ -68,6 +68,45 @@ def test_first_epoch_trains_through_images_and_fills_the_cache_on_the_way():
     assert_same_weights(model, plain)
 
 
+class PrefixRuns(pl.Callback):
+    """Per validation (the sanity check's too): batches through backbone[0], and val metrics."""
+
+    def __init__(self):
+        self.seen, self.count, self.handle = [], 0, None
+
+    def on_validation_start(self, trainer, pl_module):
+        self.count = 0
+        if self.handle is None:
+            self.handle = pl_module.backbone[0].register_forward_hook(self._count)
+
+    def _count(self, *args):
+        self.count += 1
+
+    def on_validation_end(self, trainer, pl_module):
+        metrics = {k: v.clone() for k, v in trainer.callback_metrics.items() if "val/" in k}
+        self.seen.append((self.count, metrics))
+
+
+@pytest.mark.parametrize("sanity", [1, 2])
+def test_the_first_validation_reuses_what_the_sanity_check_computed(sanity):
+    # 12 validation images in batches of 8: the sanity check runs the first `sanity` of them.
+    runs = {}
+    for cache in (True, False):
+        torch.manual_seed(0)
+        model = TransferClassifier(backbone="test_vgg16", weights="none", feature_cache=cache)
+        seen = PrefixRuns()
+        callbacks = [FreezeSchedule(), FeatureCache(), seen]
+        t = trainer(3, callbacks=callbacks, num_sanity_val_steps=sanity)
+        t.fit(model, data())
+        runs[cache] = seen.seen
+    # The sanity check, then each epoch's validation: the frozen backbone runs once per image.
+    assert [count for count, _ in runs[True]] == [sanity, 2 - sanity, 0, 0]
+    assert [count for count, _ in runs[False]] == [sanity, 2, 2, 2]
+    for (_, cached), (_, plain) in zip(runs[True][1:], runs[False][1:], strict=True):
+        assert cached.keys() == plain.keys() and len(cached) >= 2
+        assert all(torch.equal(cached[k], plain[k]) for k in cached), (cached, plain)
+
+
 def test_partial_regime_caches_the_frozen_prefix():
     def schedule():
         return FreezeSchedule(regime="partial", unfreeze_from="block5", backbone_lr_ratio=1.0)

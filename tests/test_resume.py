@@ -29,6 +29,18 @@ def datamodule(workers):
     )
 
 
+class ValMetrics(pl.Callback):
+    """Each epoch's validation metrics (not the sanity check's)."""
+
+    def __init__(self):
+        self.epochs = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            metrics = trainer.callback_metrics.items()
+            self.epochs[trainer.current_epoch] = {k: v.clone() for k, v in metrics if "val/" in k}
+
+
 def run(
     folder, epochs, milestone, ckpt=None, cache=True, workers=0, dropout=0.3, **family
 ):  # family: another backbone and its FreezeSchedule, instead of VGG's milestone
@@ -52,6 +64,7 @@ def run(
             schedule,
             ModelCheckpoint(dirpath=folder / "ckpt", save_last=True),
             FeatureCache(),  # serves only when the model's feature_cache is on
+            ValMetrics(),
         ],
         plugins=[AtomicCheckpointIO()],
     )
@@ -76,6 +89,17 @@ def test_resumed_run_equals_uninterrupted(tmp_path, milestone, cache, workers):
     assert grads[0] == grads[1]
     lrs = [[g["lr"] for g in t.optimizers[0].param_groups] for t in (t_whole, t_resumed)]
     assert lrs[0] == lrs[1] and len(lrs[0]) == 2
+    # Validation after the resume too (its sanity check ran the frozen prefix of epoch 0's
+    # phase, before the epoch was restored: nothing of it may serve epoch 2's validation).
+    whole_val, resumed_val = (
+        next(c for c in t.callbacks if isinstance(c, ValMetrics)).epochs
+        for t in (t_whole, t_resumed)
+    )
+    assert sorted(resumed_val) == [2, 3]
+    for epoch, metrics in resumed_val.items():
+        assert metrics.keys() == whole_val[epoch].keys() and len(metrics) >= 2
+        for name, value in metrics.items():
+            torch.testing.assert_close(value, whole_val[epoch][name], rtol=0, atol=1e-6)
 
 
 def test_resumed_batchnorm_family_equals_uninterrupted(tmp_path):

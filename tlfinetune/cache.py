@@ -418,15 +418,37 @@ class FeatureCache(pl.Callback):
     def on_validation_batch_start(  # noqa: D102
         self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int, *args: Any
     ) -> None:
-        if not trainer.sanity_checking:  # a few batches only: they must not start a capture
-            self._arm("val", batch)
+        # The sanity check's batches are the first ones of the first validation, from the same
+        # loader (Lightning does not rebuild it in between) and through the same frozen prefix:
+        # what they compute fills the capture, and that validation reuses it (:meth:`reuse`).
+        self._arm("val", batch)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:  # noqa: D102
         self._disarm()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:  # noqa: D102
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking:  # a few batches only: the capture goes on after them
             self._finish("val")
+
+    def reuse(self, batch: Any) -> CachedBatch | None:
+        """A validation batch's features, when this pass already computed all of them.
+
+        The first validation of a phase repeats the sanity check's batches; their
+        ``backbone[:start]`` output is in the capture already, bit for bit what running the
+        frozen prefix again would give (same weights, eval mode, precision), so the model
+        runs only the layers after it on those batches.
+        """
+        capture = self._capture.get("val")
+        if capture is None or capture.features is None or not isinstance(batch, ImageBatch):
+            return None
+        # Phases only unfreeze: a prefix frozen in this epoch was frozen since the sanity check.
+        if self._frozen_prefix(self._trainer.current_epoch) < capture.start:
+            return None
+        positions = batch.positions.cpu()
+        if capture.failed or not bool(capture.filled[positions].all()):
+            return None
+        features = capture.features[positions].to(batch.images.device)
+        return CachedBatch(features, batch.labels, capture.start)
 
     def _arm(self, split: str, batch: Any) -> None:
         capture = self._capture.get(split)

@@ -410,7 +410,9 @@ class TransferClassifier(pl.LightningModule):
         self._check_nonfinite()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
-        self._shared_step(batch, self.val_metrics, "val")
+        cache = FeatureCache.find(self._trainer)
+        reused = cache.reuse(batch) if cache is not None else None
+        self._shared_step(reused or batch, self.val_metrics, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
         self._shared_step(batch, self.test_metrics, "test")
