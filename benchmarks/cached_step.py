@@ -64,6 +64,15 @@ def _model() -> TransferClassifier:
     return model
 
 
+def _trainer(epochs: int, **kwargs) -> pl.Trainer:
+    """The seed job's Trainer (bf16-mixed on the CPU) with nothing around the steps."""
+    return pl.Trainer(
+        accelerator="cpu", precision="bf16-mixed", max_epochs=epochs, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, **kwargs,
+    )  # fmt: skip
+
+
 def _loader(n: int, start: int, seed: int) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(n, *SHAPE, generator=g).to(torch.bfloat16)
@@ -111,11 +120,7 @@ def _lightning(epochs: int) -> tuple[float, float, float]:
     model = _model()
     start = len(model.backbone)
     stamps = _Stamps()
-    trainer = pl.Trainer(
-        accelerator="cpu", precision="bf16-mixed", max_epochs=epochs, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[stamps],
-    )  # fmt: skip
+    trainer = _trainer(epochs, callbacks=[stamps])
     trainer.fit(model, _loader(TRAIN, start, 0), _loader(VAL, start, 1))
     later = stamps.epochs[1:]  # the first epoch warms up the kernels
     return (
@@ -128,17 +133,8 @@ def _lightning(epochs: int) -> tuple[float, float, float]:
 def _profile() -> str:
     model = _model()
     start = len(model.backbone)
-    trainer = pl.Trainer(
-        accelerator="cpu", precision="bf16-mixed", max_epochs=2, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0,
-    )  # fmt: skip
-    trainer.fit(model, _loader(TRAIN, start, 0))  # warm
-    trainer = pl.Trainer(
-        accelerator="cpu", precision="bf16-mixed", max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0,
-    )  # fmt: skip
+    _trainer(2, limit_val_batches=0).fit(model, _loader(TRAIN, start, 0))  # warm
+    trainer = _trainer(1, limit_val_batches=0)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         trainer.fit(model, _loader(TRAIN, start, 0))
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)

@@ -5,7 +5,7 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
-from tiny import TinyData
+from tiny import TinyData, trainer
 
 from tlfinetune import TransferClassifier
 from tlfinetune.runs import AtomicCheckpointIO, RunCheckpoint
@@ -22,19 +22,10 @@ class Scripted(TransferClassifier):
 def fit(folder, max_epochs, ckpt=None):
     pl.seed_everything(0)
     model = Scripted(backbone="test_vgg16", weights="none", feature_cache=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        logger=False,
-        default_root_dir=folder,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[RunCheckpoint(dirpath=folder, monitor="val/loss", mode="min", save_last=True)],
-        plugins=[AtomicCheckpointIO()],
-    )
-    trainer.fit(model, TinyData(n=8, batch_size=8), ckpt_path=ckpt)
-    return trainer
+    saver = RunCheckpoint(dirpath=folder, monitor="val/loss", mode="min", save_last=True)
+    t = trainer(max_epochs, [saver], enable_checkpointing=True, plugins=[AtomicCheckpointIO()])
+    t.fit(model, TinyData(n=8, batch_size=8), ckpt_path=ckpt)
+    return t
 
 
 def loaded(path, folder):
