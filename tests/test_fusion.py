@@ -53,6 +53,8 @@ def test_graphs_hooks_and_other_dtypes_take_the_modules_path():
             assert FUSED not in ops(lambda: fusion.run(layers, x))[0]
         assert FUSED not in ops(lambda: fusion.run(layers.double(), x.double()))[0]
         layers.float()
+        with torch.backends.mkldnn.flags(enabled=False):  # PyTorch's switch turns it off
+            assert FUSED not in ops(lambda: fusion.run(layers, x))[0]
         # A forward hook (the feature cache's capture) fires on its module, others still fuse.
         seen = []
         handle = layers[1].register_forward_hook(lambda m, i, out: seen.append(out.clone()))
