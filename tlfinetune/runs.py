@@ -58,8 +58,9 @@ class RunCheckpoint(ModelCheckpoint):
     top k, so after an epoch without improvement ``last.ckpt`` is older than the run and a
     resume silently repeats epochs. Here it is written at every epoch end, and mid-epoch saves
     (``every_n_train_steps``, ``train_time_interval``) skip an epoch's last batch, which the
-    epoch-end save covers. In an epoch that improves the monitored metric, ``last.ckpt`` is a
-    hard link to the best checkpoint saved at the same step (same contents, one write; with
+    epoch-end save covers. In an epoch that improves the monitored metric (after the first
+    save, whose file records no ``last_model_path`` yet), ``last.ckpt`` is a hard link to the
+    best checkpoint saved at the same step (same contents, one write; with
     :class:`AtomicCheckpointIO`, whose renames never write into a linked file).
     """
 
