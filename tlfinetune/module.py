@@ -412,7 +412,7 @@ class TransferClassifier(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
         cache = FeatureCache.find(self._trainer)
         reused = cache.reuse(batch) if cache is not None else None
-        self._shared_step(reused or batch, self.val_metrics, "val")
+        self._shared_step(batch if reused is None else reused, self.val_metrics, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
         self._shared_step(batch, self.test_metrics, "test")

@@ -44,6 +44,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def link_checkpoint(self, source: Any, path: Any) -> bool:
+        """``path`` as a hard link to the checkpoint ``source``, renamed into place as a save is.
+
+        Safe because every save here replaces its file instead of writing into it. False (and
+        nothing changed) where the file system refuses hard links.
+        """
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.link(source, tmp)
+            os.replace(tmp, target)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return False
+        return True
+
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
@@ -92,14 +108,15 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
         # In an epoch that improves the monitored metric, the best checkpoint and last.ckpt are
-        # written at the same step with the same contents (135 MB for VGG16): the second becomes
-        # a hard link to the first, renamed into place as atomically as a write.
+        # written at the same step with the same contents (136 MB for VGG16): the second becomes
+        # a hard link to the first, renamed into place as atomically as a write. Only with
+        # AtomicCheckpointIO: an IO that wrote into an existing file would write into both names.
         twin = self._twin
         if (
             twin is not None
             and filepath == self.last_model_path
             and twin[1:] == (trainer.global_step, filepath)  # ...which the twin's state names
-            and _replaces_files(trainer)
+            and isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
             and self._link(trainer, twin[0], filepath)
         ):
             self._last_global_step_saved = trainer.global_step
@@ -116,16 +133,8 @@ class RunCheckpoint(ModelCheckpoint):
     @staticmethod
     def _link(trainer: Any, source: str, target: str) -> bool:
         """``target`` as a hard link to ``source`` (rank 0); False where links are refused."""
-        ok = True
-        if trainer.is_global_zero:
-            path = Path(target)
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-            try:
-                os.link(source, tmp)
-                os.replace(tmp, path)
-            except OSError:  # e.g. a file system without hard links: written instead
-                Path(tmp).unlink(missing_ok=True)
-                ok = False
+        io = trainer.strategy.checkpoint_io
+        ok = io.link_checkpoint(source, target) if trainer.is_global_zero else True
         # Every rank takes the same branch: the save it falls back to is collective.
         return bool(trainer.strategy.broadcast(ok))
 
@@ -133,11 +142,6 @@ class RunCheckpoint(ModelCheckpoint):
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             self._last_global_step_saved = trainer.global_step
-
-
-def _replaces_files(trainer: Any) -> bool:
-    # A checkpoint IO that wrote into an existing file would write into both names of a link.
-    return isinstance(getattr(trainer.strategy, "checkpoint_io", None), AtomicCheckpointIO)
 
 
 class _AppendingWriter(ExperimentWriter):
