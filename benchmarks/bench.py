@@ -73,7 +73,7 @@ from tlfinetune import backbone as bb
 from tlfinetune.demo import DEMO_CLASSES, render_demo_image
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
-from tlfinetune.machine import compute_threads, default_num_workers
+from tlfinetune.machine import compute_threads, default_num_workers, keep_freed_memory
 from tlfinetune.module import TransferClassifier
 
 __all__ = ["EpochTimer", "Result", "bench", "main", "markdown", "torch_peer"]
@@ -486,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     code (:func:`bench_job.seed_job`; ``--job seed --help`` lists its flags).
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # the benchmark's own process: the allocator as tlfinetune's command has it
+        keep_freed_memory()
     job, args = _job(args)
     try:
         if job == "seed":

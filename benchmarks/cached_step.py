@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from tlfinetune import TransferClassifier
 from tlfinetune.cache import _as_is, _Features
+from tlfinetune.machine import keep_freed_memory
 
 BATCH, TRAIN, VAL, CLASSES = 32, 255, 35, 5
 SHAPE = (512, 7, 7)  # VGG16's features at 224 px
@@ -175,4 +176,5 @@ def main(steps: int = 40, rounds: int = 2, epochs: int = 6, profile: bool = True
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as tlfinetune's command runs
     CLI(main, as_positional=False)

@@ -1,10 +1,15 @@
 """Machine facts: the fastest precision that keeps accuracy (emulated bf16 warned); workers."""
 
 import inspect
+import json
 import logging
+import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
+import memory_probe
 import pytest
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -130,3 +135,74 @@ def test_peak_rss_is_the_programs_own_not_its_parents():
     del block
     assert inherited > 600  # what ru_maxrss says: the parent's pages at the fork
     assert own < 100  # a bare Python
+
+
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+HUGE_PAGES_ALWAYS = "[always]" in (
+    Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").is_file()
+    else ""
+)
+TESTS = Path(__file__).parent
+
+
+def probe(**env) -> dict:
+    """tests/memory_probe.py in a new Python whose environment has ``env`` added."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUN"))}
+    clean.pop("TLFINETUNE_KEEP_FREED_MEMORY", None)
+    out = subprocess.run(
+        [sys.executable, str(TESTS / "memory_probe.py")],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
+def test_freed_memory_is_reused_without_page_faults():
+    seen = probe()
+    assert seen["took"]
+    assert seen["kept"] < memory_probe.PAGES // 100  # measured: 0 (65,536 with glibc's defaults)
+    if not HUGE_PAGES_ALWAYS:  # with huge pages everywhere even the default faults little
+        assert seen["default"] > memory_probe.PAGES // 2
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"TLFINETUNE_KEEP_FREED_MEMORY": "0"},
+        {"MALLOC_TRIM_THRESHOLD_": "131072"},
+        {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"},
+    ],
+)
+def test_malloc_settings_of_the_user_are_left_alone(env):
+    seen = probe(**env)
+    assert not seen["took"]
+    if not HUGE_PAGES_ALWAYS:
+        assert seen["kept"] > memory_probe.PAGES // 2  # still a fresh mmap per large tensor
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
+def test_the_command_keeps_freed_memory(tmp_path):
+    data, faults = make_folder(tmp_path / "data"), tmp_path / "faults.json"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUN"))}
+    clean.pop("TLFINETUNE_KEEP_FREED_MEMORY", None)
+    clean["PYTHONPATH"] = os.pathsep.join([str(TESTS), clean.get("PYTHONPATH", "")])
+    args = fit_args(data, tmp_path / "runs", "--trainer.max_epochs=1")
+    probe_args = [
+        "--trainer.callbacks+=memory_probe.FreedMemoryProbe",
+        f"--trainer.callbacks.path={faults}",
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "tlfinetune", *args, *probe_args],
+        env=clean,
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+        timeout=300,
+    )
+    assert json.loads(faults.read_text())["faults"] < memory_probe.PAGES // 100

@@ -34,7 +34,7 @@ from lightning.pytorch.cli import (
 from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
-from tlfinetune.machine import device_type_of, fastest_precision
+from tlfinetune.machine import device_type_of, fastest_precision, keep_freed_memory
 from tlfinetune.module import TransferClassifier
 from tlfinetune.predict import PredictionWriter
 from tlfinetune.report import EvaluationReport, LearningCurves
@@ -369,6 +369,8 @@ def _no_adverts(record: logging.LogRecord) -> bool:
 def main(args: ArgsType = None) -> None:
     """Entry point of ``python -m tlfinetune`` and the ``tlfinetune`` script."""
     argv = list(sys.argv[1:] if args is None else args)
+    if args is None:  # the process is this command's own (not a test's or a notebook's)
+        keep_freed_memory()
     for noise in NOISE:
         warnings.filterwarnings("ignore", message=noise)
     rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")

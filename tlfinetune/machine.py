@@ -13,6 +13,9 @@ reads a value back from the GPU at every optimizer step; older GPUs get 16-mixed
 Cores: DataLoader workers get the cores that training itself leaves free
 (:func:`default_num_workers`).
 
+Memory: the command line keeps the memory freed tensors give back for the next ones
+(:func:`keep_freed_memory`): at 224 px that made the frozen VGG16 forward 1.7x faster.
+
 Disk: tlfinetune's own cache folder (the demo dataset, scan records of read-only data) is
 :func:`cache_root`.
 
@@ -22,8 +25,10 @@ Disk: tlfinetune's own cache folder (the demo dataset, scan records of read-only
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ __all__ = [
     "device_type_of",
     "emulated_bf16_warning",
     "fastest_precision",
+    "keep_freed_memory",
     "native_bf16",
 ]
 
@@ -144,6 +150,65 @@ def default_num_workers(processes_per_node: int = 1, compute_threads: int = 1) -
     """
     per_process = cpus() // max(1, processes_per_node)
     return max(0, min(16, per_process - max(1, compute_threads)))
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+# glibc's mallopt parameters (malloc.h) and the environment variables that set them
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_MALLOC_ENV = (
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+)
+_OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def keep_freed_memory() -> bool:
+    """Have the C allocator keep the memory that freed tensors return, for the next tensors.
+
+    By default glibc serves every allocation above 32 MB with a fresh ``mmap`` and unmaps it on
+    ``free``, so each large tensor costs a page fault per 4 KB page and the kernel's zeroing of
+    it, every time. At 224 px VGG16's early activations are 205 MB per batch of 32: on a 2-core
+    Xeon with AMX the frozen VGG16 forward (bf16, fused) ran at 43-45 img/s with glibc's defaults
+    and 75 img/s with freed memory kept, and the seed's job's first epoch took 4.0 s instead of
+    6.4 s; partial-regime steps at 224 px ran 1.4x faster. The price is memory: what is freed
+    stays with the process, and a heap fragments where separate mappings did not (a freed block
+    can sit behind a small chunk still in use), so peak resident memory grows: 1.55 -> 1.9-2.0 GB
+    on the seed's job, 1.2 -> 2.1 GB in partial steps, level from the fifth step on. This is what
+    PyTorch's CPU tuning guide gets from preloading jemalloc or tcmalloc, done with the allocator
+    that is already loaded.
+
+    ``python -m tlfinetune`` calls it as it starts; a notebook or script can call it once, at the
+    top. It changes the allocator of the whole process, so tlfinetune's library code never calls
+    it on its own.
+
+    Returns:
+        Whether it took effect: False off glibc (macOS, Windows, musl), under an allocator
+        preloaded in ``LD_PRELOAD`` (jemalloc, tcmalloc, mimalloc), and where glibc's malloc
+        settings were set in the environment (``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``,
+        ... or ``glibc.malloc.*`` in ``GLIBC_TUNABLES``): those are left as they were set.
+        ``TLFINETUNE_KEEP_FREED_MEMORY=0`` in the environment keeps glibc's defaults.
+    """
+    if os.environ.get("TLFINETUNE_KEEP_FREED_MEMORY", "").strip().lower() in ("0", "false", "no"):
+        return False
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ for name in _GLIBC_MALLOC_ENV):
+        return False
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATORS):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover - a glibc without mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # No mmap'd chunks: large blocks come from the heap and go back to it. And never trim the
+    # heap's top below 2 GB free: trimming is unmapping by another name.
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def cache_root() -> Path:
