@@ -60,8 +60,7 @@ def test_last_links_the_best_saved_at_its_step_with_the_contents_of_a_write(
     linked = fit(tmp_path / "linked", epochs)
     best = linked.checkpoint_callback.best_model_path
     last = tmp_path / "linked" / "last.ckpt"
-    # Epoch 0's best file was saved before last.ckpt had a name to record: never its twin.
-    assert os.path.samefile(best, last) == (epochs == 3)
+    assert os.path.samefile(best, last)  # epochs 0 and 2 improve: the last of them is the best
     monkeypatch.setattr(RunCheckpoint, "_link", staticmethod(lambda *args: False))
     fit(tmp_path / "written", epochs)
     written = tmp_path / "written" / "last.ckpt"
@@ -69,17 +68,21 @@ def test_last_links_the_best_saved_at_its_step_with_the_contents_of_a_write(
     assert same(loaded(last, tmp_path / "linked"), loaded(written, tmp_path / "written"))
 
 
-def test_a_later_last_replaces_the_link_and_leaves_the_best_alone(tmp_path, one_thread):
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_a_later_last_replaces_the_link_and_leaves_the_best_alone(tmp_path, one_thread, epochs):
     folder = tmp_path / "run"
-    trainer = fit(folder, 3)
+    trainer = fit(folder, epochs)
     best = trainer.checkpoint_callback.best_model_path
     before = loaded(best, folder)
-    # Resumed from the linked last.ckpt: epoch 3 does not improve, so last.ckpt is written anew.
-    trainer = fit(folder, 4, ckpt=folder / "last.ckpt")
+    (state,) = [v for k, v in before["callbacks"].items() if k.startswith("RunCheckpoint")]
+    assert state["last_model_path"] == "RUN/last.ckpt"  # as in a written last.ckpt, epoch 0 too
+    # Resumed from the linked last.ckpt: the next epoch (1 or 3) does not improve, so last.ckpt
+    # is written anew under its own name (not last-v1.ckpt).
+    trainer = fit(folder, epochs + 1, ckpt=folder / "last.ckpt")
     assert trainer.checkpoint_callback.best_model_path == best
     assert sorted(p.name for p in folder.iterdir()) == sorted([os.path.basename(best), "last.ckpt"])
     assert not os.path.samefile(best, folder / "last.ckpt")
-    assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 3
+    assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == epochs
     assert same(loaded(best, folder), before)
 
 
@@ -93,3 +96,12 @@ def test_a_file_system_without_links_gets_a_written_last(tmp_path, monkeypatch, 
     assert not os.path.samefile(best, tmp_path / "last.ckpt")
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_last_ckpt_left_by_another_run_keeps_its_name_and_contents(tmp_path, one_thread):
+    (tmp_path / "last.ckpt").write_bytes(b"another run's")
+    trainer = fit(tmp_path, 1)
+    # Lightning's version counter names this run's last.ckpt last-v1.ckpt, and so does the
+    # name the first best file records: the two are still one file.
+    assert (tmp_path / "last.ckpt").read_bytes() == b"another run's"
+    assert os.path.samefile(trainer.checkpoint_callback.best_model_path, tmp_path / "last-v1.ckpt")

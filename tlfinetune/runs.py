@@ -74,9 +74,8 @@ class RunCheckpoint(ModelCheckpoint):
     top k, so after an epoch without improvement ``last.ckpt`` is older than the run and a
     resume silently repeats epochs. Here it is written at every epoch end, and mid-epoch saves
     (``every_n_train_steps``, ``train_time_interval``) skip an epoch's last batch, which the
-    epoch-end save covers. In an epoch that improves the monitored metric (after the first
-    save, whose file records no ``last_model_path`` yet), ``last.ckpt`` is a hard link to the
-    best checkpoint saved at the same step (same contents, one write; with
+    epoch-end save covers. In an epoch that improves the monitored metric, ``last.ckpt`` is a
+    hard link to the best checkpoint saved at the same step (same contents, one write; with
     :class:`AtomicCheckpointIO`, whose renames never write into a linked file).
     """
 
@@ -105,6 +104,23 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_missed(trainer)
+
+    def _save_topk_checkpoint(self, trainer: Any, monitor_candidates: dict[str, Any]) -> None:
+        # Lightning names last.ckpt only when it saves it, after the top-k file, so the first
+        # top-k file would record no last_model_path and never be last.ckpt's twin. Every top-k
+        # save is followed by a save of last.ckpt (Lightning's, or _save_last_if_missed): name it
+        # now, as _save_last_checkpoint will (same version counter), and the first improving
+        # epoch writes one file instead of two.
+        if self.save_last is True and not self.last_model_path:
+            filepath = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+            version = self.STARTING_VERSION
+            while self._enable_version_counter and self.file_exists(filepath, trainer):
+                filepath = self.format_checkpoint_name(
+                    monitor_candidates, self.CHECKPOINT_NAME_LAST, ver=version
+                )
+                version += 1
+            self.last_model_path = filepath
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
         # In an epoch that improves the monitored metric, the best checkpoint and last.ckpt are
