@@ -1,4 +1,4 @@
-"""What this machine offers training: the precision that runs fast, and the cores for loaders.
+"""What this machine offers training: the fastest precision, the cores for loaders, its memory.
 
 One place for the facts about the hardware that settings default from.
 
