@@ -81,7 +81,7 @@ def _loader(n: int, start: int, seed: int) -> DataLoader:
     return DataLoader(_Features(features, labels, start), batch_size=BATCH, collate_fn=_as_is)
 
 
-def _median_ms(fn, steps: int) -> float:
+def median_ms(fn, steps: int) -> float:
     for _ in range(3):
         fn()
     times = []
@@ -111,9 +111,9 @@ def _plain(steps: int) -> dict[str, float]:
 
     forward_backward()  # gradients for the optimizer-alone timing
     return {
-        "forward + backward": _median_ms(forward_backward, steps),
-        "optimizer step": _median_ms(opt.step, steps),
-        "plain loop step": _median_ms(whole_step, steps),
+        "forward + backward": median_ms(forward_backward, steps),
+        "optimizer step": median_ms(opt.step, steps),
+        "plain loop step": median_ms(whole_step, steps),
     }
 
 
