@@ -1,4 +1,4 @@
-"""How many page faults a fresh 64 MB tensor costs in this process, for the memory tests.
+"""How many page faults 64 MB tensors cost in this process once it settled, for the memory tests.
 
 Run as a script it prints ``{"default": ..., "took": ..., "kept": ...}``: the faults with the
 allocator as the process started, whether :func:`keep_freed_memory` took effect, and the faults

@@ -146,13 +146,18 @@ HUGE_PAGES_ALWAYS = "[always]" in (
 TESTS = Path(__file__).parent
 
 
-def probe(**env) -> dict:
-    """tests/memory_probe.py in a new Python whose environment has ``env`` added."""
+def allocator_env(**env) -> dict:
+    """This environment without any malloc setting of its own, with ``env`` added."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUN"))}
     clean.pop("TLFINETUNE_KEEP_FREED_MEMORY", None)
+    return {**clean, **env}
+
+
+def probe(**env) -> dict:
+    """tests/memory_probe.py in a new Python whose environment has ``env`` added."""
     out = subprocess.run(
         [sys.executable, str(TESTS / "memory_probe.py")],
-        env={**clean, **env},
+        env=allocator_env(**env),
         capture_output=True,
         text=True,
         check=True,
@@ -189,9 +194,7 @@ def test_malloc_settings_of_the_user_are_left_alone(env):
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
 def test_the_command_keeps_freed_memory(tmp_path):
     data, faults = make_folder(tmp_path / "data"), tmp_path / "faults.json"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUN"))}
-    clean.pop("TLFINETUNE_KEEP_FREED_MEMORY", None)
-    clean["PYTHONPATH"] = os.pathsep.join([str(TESTS), clean.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
     args = fit_args(data, tmp_path / "runs", "--trainer.max_epochs=1")
     probe_args = [
         "--trainer.callbacks+=memory_probe.FreedMemoryProbe",
@@ -199,7 +202,7 @@ def test_the_command_keeps_freed_memory(tmp_path):
     ]
     subprocess.run(
         [sys.executable, "-m", "tlfinetune", *args, *probe_args],
-        env=clean,
+        env=allocator_env(PYTHONPATH=path),
         cwd=tmp_path,
         capture_output=True,
         check=True,
