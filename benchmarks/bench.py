@@ -55,6 +55,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from arithmetic import step_arithmetic
 from bench_measure import (
     EpochTimer,
     PeakMemory,
@@ -156,6 +157,9 @@ def run_tlfinetune(
     row.total_s = time.perf_counter() - t0
     mem.fill(row)
     row.epochs, row.cache, row.cpu = timer.epochs, timer.cache, timer.cpu
+    if row.cache_state == "yes":  # requires_grad as the later epochs ran
+        arithmetic = step_arithmetic(model.backbone, model.head, s.image_size)
+        row.floor = arithmetic.cached_share
     if cache_off and row.cache_state == "yes":
         row.note = "the cache could not be switched off"
     return row
@@ -421,6 +425,11 @@ def bench(
         "channels-last backbone measured just before and just after that row (their mean is the "
         "bound column). Below 1 the step costs more than a forward pass; above 1 a cache skips "
         "the backbone.",
+        "arithmetic floor: the multiply-accumulates of a step served from the feature cache over "
+        "those of an uncached step (convolutions and linear layers: forward of the frozen "
+        "prefix; forward, weight and input gradients of what trains; benchmarks/arithmetic.py). "
+        "No implementation of the same step brings later ÷ first epoch time below it unless its "
+        "later kernels run faster per operation than the first epoch's.",
         "Peak RSS: resident memory of the main process during training (DataLoader workers not "
         "included), with the RSS at the start of training in brackets.",
         "load: the 1-minute load average when the row finished; above the number of cores, "

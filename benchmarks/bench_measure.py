@@ -54,6 +54,9 @@ class Result:
     # The no_grad forward bound around this row: mean of the measurements just before and just
     # after it, so that the row and its bound saw the same machine (a shared one drifts).
     bound: float = float("nan")
+    # A cached step's arithmetic over an uncached one's (benchmarks/arithmetic.py): the lowest
+    # later ÷ first epoch time the cache could give. NaN where no cache served.
+    floor: float = float("nan")
     note: str = ""
 
     @property
@@ -96,6 +99,7 @@ class Result:
             "total_s": self.total_s,
             "load": self.load,
             "bound": self.bound,
+            "floor": self.floor,
             "note": self.note,
         }
 

@@ -9,7 +9,8 @@ backward, and fused Adam over the 13.5 M trainable parameters. This measures, in
 - each of block5's convolutions alone: forward, backward for the weights only (the first one:
   its input is cached and needs no gradient), backward for data and weights (the other two);
 - the whole step, and its forward and forward + backward alone;
-- with ``--profile``, ``torch.profiler``'s operators over five steps.
+- with ``--profile``, ``torch.profiler``'s operators over five steps;
+- the step's arithmetic (``arithmetic.py``) and the share of an uncached step it is at least.
 
 The sum of the convolutions' kernels is what no implementation of this step avoids; the
 benchmark README compares it with the whole step and with the uncached epoch.
@@ -20,6 +21,7 @@ benchmark README compares it with the whole step and with the uncached epoch.
 from __future__ import annotations
 
 import torch
+from arithmetic import step_arithmetic
 from cached_step import median_ms
 from jsonargparse import CLI
 
@@ -69,6 +71,8 @@ def main(steps: int = 15, profile: bool = True) -> None:
         num_classes=CLASSES, backbone="vgg16", weights="none", image_size=224, head="flatten",
         head_hidden=256, feature_cache=False,
     )  # fmt: skip
+    model.backbone[:START].requires_grad_(False)  # the partial regime
+    arithmetic = step_arithmetic(model.backbone, model.head, 224)
     block5 = model.backbone[START:].to(memory_format=torch.channels_last)
     head = model.head
     params = [*block5.parameters(), *head.parameters()]
@@ -106,6 +110,12 @@ def main(steps: int = 15, profile: bool = True) -> None:
     print(f"  whole step (+ fused Adam)     {whole:6.1f} ms   {BATCH / whole * 1000:.0f} img/s")
     print(
         f"  block5's convolution kernels  {kernels:6.1f} ms   ({kernels / whole:.0%} of the step)"
+    )
+    print(
+        f"  arithmetic: {arithmetic.rest * BATCH / 1e9:.1f} GMAC a step, "
+        f"{arithmetic.rest * BATCH / whole / 1e9:.2f} TMAC/s; an uncached step adds "
+        f"{arithmetic.prefix * BATCH / 1e9:.1f} GMAC of frozen forward, so a cached step is at "
+        f"least {arithmetic.cached_share:.1%} of it"
     )
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -19,8 +19,8 @@ TINY = {
 }
 COLUMNS = (
     "| setup | regime | first epoch img/s | later epochs img/s | later ÷ first epoch time "
-    "| first ÷ bound | later ÷ bound | bound img/s | vs plain PyTorch (first / later) "
-    "| feature cache | peak RSS MB (start) | total s | load |"
+    "| arithmetic floor | first ÷ bound | later ÷ bound | bound img/s "
+    "| vs plain PyTorch (first / later) | feature cache | peak RSS MB (start) | total s | load |"
 )
 
 
@@ -78,6 +78,12 @@ def test_bench_command_line(tmp_path, capsys):
     text = out.read_text(encoding="utf-8")
     rows = [line for line in text.splitlines() if line.startswith("| tlfinetune | partial |")]
     assert len(rows) == 1
+    cells = dict(
+        zip(COLUMNS.strip("| ").split(" | "), rows[0].strip("| ").split(" | "), strict=True)
+    )
+    assert cells["feature cache"] == "yes"
+    floor = float(cells["arithmetic floor"].removesuffix(" %"))  # block5 + head of the whole step
+    assert 0 < floor < 100
     assert not [line for line in text.splitlines() if line.startswith("| plain PyTorch")]
     assert "| tlfinetune | partial |" in capsys.readouterr().out  # the table is printed too
 
