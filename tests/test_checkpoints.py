@@ -105,3 +105,45 @@ def test_a_last_ckpt_left_by_another_run_keeps_its_name_and_contents(tmp_path, o
     # name the first best file records: the two are still one file.
     assert (tmp_path / "last.ckpt").read_bytes() == b"another run's"
     assert os.path.samefile(trainer.checkpoint_callback.best_model_path, tmp_path / "last-v1.ckpt")
+
+
+class Peek(pl.Callback):
+    """global_step of last.ckpt after each training batch (None: not written yet)."""
+
+    def __init__(self, folder):
+        self.folder, self.seen = folder, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        path = self.folder / "last.ckpt"
+        step = torch.load(path, weights_only=True)["global_step"] if path.exists() else None
+        self.seen.append((trainer.global_step, step))
+
+
+@pytest.mark.parametrize("save", ["every_n_train_steps", "train_time_interval"])
+def test_step_and_time_saves_keep_the_best_at_the_validated_weights(tmp_path, one_thread, save):
+    from datetime import timedelta
+
+    every = {"every_n_train_steps": 1, "train_time_interval": timedelta(microseconds=1)}[save]
+    pl.seed_everything(0)
+    model = Scripted(backbone="test_vgg16", weights="none", feature_cache=False)
+    saver = RunCheckpoint(
+        dirpath=tmp_path, monitor="val/loss", mode="min", save_last=True, save_top_k=2,
+        **{save: every},
+    )  # fmt: skip
+    peek = Peek(tmp_path)
+    t = trainer(3, [saver, peek], enable_checkpointing=True, plugins=[AtomicCheckpointIO()])
+    t.fit(model, TinyData(n=8, batch_size=2))  # 4 steps an epoch; val/loss 1.0, 1.1, 0.9
+
+    # The two best: epochs 0 and 2, each holding the weights its val/loss was measured on (the
+    # end of that epoch), not a later step's ranked by that score.
+    kept = {}
+    for path, score in saver.best_k_models.items():
+        ckpt = torch.load(path, weights_only=True)
+        kept[ckpt["epoch"]] = (ckpt["global_step"], round(score.item(), 4))
+    assert kept == {0: (4, 1.0), 2: (12, 0.9)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*(os.path.basename(p) for p in saver.best_k_models), "last.ckpt"]
+    )
+    # Mid-epoch saves write last.ckpt in every epoch, the first one included. (Lightning runs
+    # checkpoint callbacks last: Peek sees the save of the step before.)
+    assert peek.seen == [(1, None), *((step, step - 1) for step in range(2, 13))]

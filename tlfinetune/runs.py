@@ -77,10 +77,23 @@ class RunCheckpoint(ModelCheckpoint):
     epoch-end save covers. In an epoch that improves the monitored metric, ``last.ckpt`` is a
     hard link to the best checkpoint saved at the same step (same contents, one write; with
     :class:`AtomicCheckpointIO`, whose renames never write into a linked file).
+
+    The best checkpoint is judged where the monitored metric is computed, at each epoch's end
+    (after its validation), whatever else is set: step and time saves write ``last.ckpt`` only,
+    from the first epoch on. Lightning 2.6 instead stops the epoch-end top-k when
+    ``every_n_train_steps`` or ``train_time_interval`` is set, ranks mid-epoch weights by the
+    previous validation's score (its "best" file would hold weights that score was never
+    measured on), and skips the step and time saves before the first validation.
     """
 
     # (path, global step, last_model_path) of the last checkpoint written, for a same-step twin
     _twin: tuple[str, int, str] | None = None
+    _mid_epoch = False  # inside a step or time save: last.ckpt only
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:  # noqa: D102
+        super().setup(trainer, pl_module, stage)
+        if self._every_n_train_steps > 0 or self._train_time_interval is not None:
+            self._every_n_epochs = max(self._every_n_epochs, 1)  # Lightning set it to 0
 
     def on_train_batch_end(  # noqa: D102
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -93,7 +106,19 @@ class RunCheckpoint(ModelCheckpoint):
         progress = trainer.fit_loop.epoch_loop.batch_progress
         if progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
             return
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._mid_epoch = True
+        self._defer_save_until_validation = False
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._mid_epoch = False
+        if self._defer_save_until_validation:
+            # Lightning puts a due save off until the monitored metric exists, which skips
+            # every step and time save of the first epoch, often the longest. Only last.ckpt
+            # is due here: write it now, so that a crash in that epoch resumes from it.
+            self._defer_save_until_validation = False
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: D102
         super().on_validation_end(trainer, pl_module)
@@ -106,6 +131,8 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_last_if_missed(trainer)
 
     def _save_topk_checkpoint(self, trainer: Any, monitor_candidates: dict[str, Any]) -> None:
+        if self._mid_epoch and self.monitor is not None:
+            return  # the monitored score is the last validation's, not these weights'
         # Lightning names last.ckpt only when it saves it, after the top-k file, so the first
         # top-k file would record no last_model_path and never be last.ckpt's twin. Every top-k
         # save is followed by a save of last.ckpt (Lightning's, or _save_last_if_missed): name it
