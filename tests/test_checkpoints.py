@@ -147,3 +147,15 @@ def test_step_and_time_saves_keep_the_best_at_the_validated_weights(tmp_path, on
     # Mid-epoch saves write last.ckpt in every epoch, the first one included. (Lightning runs
     # checkpoint callbacks last: Peek sees the save of the step before.)
     assert peek.seen == [(1, None), *((step, step - 1) for step in range(2, 13))]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoints_get_the_mode_of_any_file_the_user_writes(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"epoch": 0}, tmp_path / "last.ckpt")
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(old)
+    mode = os.stat(tmp_path / "last.ckpt").st_mode & 0o777
+    assert mode == os.stat(tmp_path / "plain").st_mode & 0o777 == 0o666 & ~umask
