@@ -159,3 +159,27 @@ def test_checkpoints_get_the_mode_of_any_file_the_user_writes(tmp_path, umask):
         os.umask(old)
     mode = os.stat(tmp_path / "last.ckpt").st_mode & 0o777
     assert mode == os.stat(tmp_path / "plain").st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_moved_run_folder_resumes_into_its_own_last_ckpt(tmp_path, one_thread):
+    fit(tmp_path / "before", 1)
+    (tmp_path / "before").rename(tmp_path / "after")
+    folder = tmp_path / "after"
+
+    t = fit(folder, 3, ckpt=folder / "last.ckpt")  # epoch 1 does not improve, epoch 2 does
+
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [os.path.basename(t.checkpoint_callback.best_model_path), "last.ckpt"]
+    )  # not a last-v1.ckpt beside an older last.ckpt
+    assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert os.path.dirname(t.checkpoint_callback.best_model_path) == str(folder)
+
+
+def test_step_saves_keep_the_state_key_runs_were_saved_under():
+    ours = RunCheckpoint(monitor="val/loss", every_n_train_steps=5)
+    before = ours.state_key  # what Lightning's settings give, and every earlier run saved under
+    ours.setup(trainer(), None, "fit")
+    assert ours._every_n_epochs == 1  # ranks at epoch end now
+    # so that a run saved before then resumes with its best and last files
+    assert ours.state_key == before
+    assert "'every_n_epochs': 0" in before

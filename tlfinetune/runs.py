@@ -100,8 +100,32 @@ class RunCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:  # noqa: D102
         super().setup(trainer, pl_module, stage)
+        self._keyed_every_n_epochs = self._every_n_epochs
         if self._every_n_train_steps > 0 or self._train_time_interval is not None:
             self._every_n_epochs = max(self._every_n_epochs, 1)  # Lightning set it to 0
+
+    @property
+    def state_key(self) -> str:  # noqa: D102
+        # The key of the settings as Lightning keyed them (every_n_epochs 0 under step or time
+        # saves): a checkpoint saved before setup() raised it still finds its state here.
+        return self._generate_state_key(
+            monitor=self.monitor,
+            mode=self.mode,
+            every_n_train_steps=self._every_n_train_steps,
+            every_n_epochs=getattr(self, "_keyed_every_n_epochs", self._every_n_epochs),
+            train_time_interval=self._train_time_interval,
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        # A run folder that was moved (or copied) and resumed in its new place: Lightning
+        # forgets its best and last files, writes last-v1.ckpt beside last.ckpt, and the next
+        # `--ckpt_path last` resumes from the older of the two. Its files are here: follow them.
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and os.path.normpath(saved) != os.path.normpath(self.dirpath):
+            moved = _rebased(state_dict, saved, self.dirpath)
+            if moved["last_model_path"] and os.path.exists(moved["last_model_path"]):
+                state_dict = moved
+        super().load_state_dict(state_dict)
 
     def on_train_batch_end(  # noqa: D102
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -238,3 +262,12 @@ def next_free_name(folder: Path, name: str) -> str:
         i += 1
         candidate = f"{stem}.{i}{suffix}"
     return candidate
+
+
+def _rebased(value: Any, old: str, new: str) -> Any:
+    """``value`` with every path inside folder ``old`` moved into ``new`` (dict keys too)."""
+    if isinstance(value, dict):
+        return {_rebased(k, old, new): _rebased(v, old, new) for k, v in value.items()}
+    if isinstance(value, str) and (value == old or value.startswith(old.rstrip(os.sep) + os.sep)):
+        return new.rstrip(os.sep) + value[len(old.rstrip(os.sep)) :]
+    return value
