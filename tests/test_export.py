@@ -135,7 +135,7 @@ def readme_deployment_lines() -> str:
 
 
 def new_images(folder: Path) -> Path:
-    """Images as users have them: large JPEG, rotated JPEG, odd sizes, small, grayscale."""
+    """Images as users have them: large JPEG, rotated JPEG, odd sizes, small, grey, a subfolder."""
     rng = np.random.default_rng(0)
 
     def pixels(h, w, channels=3):
@@ -153,6 +153,8 @@ def new_images(folder: Path) -> Path:
     Image.fromarray(pixels(41, 50)).save(folder / "c_odd.png")  # odd crop offsets
     Image.fromarray(pixels(20, 27)).save(folder / "d_small.png")  # enlarged to 37
     Image.fromarray(pixels(60, 44, 1), "L").save(folder / "e_grey.png")
+    (folder / "more").mkdir()  # predict takes subfolders too
+    Image.fromarray(pixels(33, 33)).save(folder / "more" / "f_nested.png")
     return folder
 
 
@@ -182,7 +184,7 @@ def test_readme_deployment_lines_reproduce_predict(loaded, onnx_model, monkeypat
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         exec(compile(readme_deployment_lines(), "README.md", "exec"), namespace)
     names = [Path(p).name for p in namespace["paths"]]
-    assert sorted(names) == sorted(expected) and len(names) == 5
+    assert sorted(names) == sorted(expected) and len(names) == 6
     got = namespace["probabilities"]
     assert got.max() > 0.5  # a model that prefers a class, as a trained one does
     for name, row in zip(names, got, strict=True):
