@@ -582,10 +582,50 @@ def feature_shape(backbone: nn.Module, name: str, image_size: int) -> tuple[int,
     Measured with a zero image, as Keras derives it, rather than computed from the architecture
     (on the meta device: :func:`probe_shape`).
     """
-    c, h, w = probe_shape(backbone, image_size)[1:]
+    try:
+        c, h, w = probe_shape(backbone, image_size)[1:]
+    except RuntimeError:
+        smallest = smallest_image_size(backbone, image_size + 1)
+        if smallest is None:
+            raise  # no size works: not a question of size
+        h = w = 0
+    else:
+        smallest = None
     if h == 0 or w == 0:
-        raise ConfigError(f"image_size={image_size} is too small for {name}: use 32 or more.")
+        smallest = smallest or smallest_image_size(backbone, image_size + 1)
+        need = f"at least {smallest}" if smallest is not None else "a larger image_size"
+        raise ConfigError(
+            f"image_size {image_size} is too small for the backbone {name}: its pooling and "
+            "strided layers shrink the image until nothing is left of it. It needs "
+            f"{need}; set --data.image_size (data.image_size in a YAML config) to that or "
+            "more (pretrained weights work best near the size they were trained at)."
+        )
     return int(c), int(h), int(w)
+
+
+def _fits(module: nn.Module, image_size: int) -> bool:
+    """Whether ``module`` makes a feature map of at least 1x1 from ``image_size`` images."""
+    try:
+        return min(probe_shape(module, image_size)[2:]) > 0
+    except RuntimeError:
+        return False
+
+
+def smallest_image_size(module: nn.Module, start: int = 1, limit: int = 2048) -> int | None:
+    """The smallest square image size from ``start`` on that ``module`` accepts, ``None`` if none.
+
+    Doubles the size until one works, then bisects back (on the meta device, so a VGG16 takes
+    some milliseconds per try). Assumes that sizes above one that works work too.
+    """
+    lo, hi = start - 1, max(start, 1)
+    while not _fits(module, hi):
+        if hi >= limit:
+            return None
+        lo, hi = hi, min(2 * hi, limit)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _fits(module, mid) else (mid, hi)
+    return hi
 
 
 def probe_shape(module: nn.Module, image_size: int) -> torch.Size:
