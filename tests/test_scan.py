@@ -1,6 +1,8 @@
 """The header scan: bad images named in one error before training, or skipped and listed."""
 
 import logging
+import os
+import stat
 from types import SimpleNamespace
 
 import pytest
@@ -168,6 +170,18 @@ def test_a_record_made_under_another_pixel_limit_is_not_used(tmp_path, probes):
     with pytest.raises(DataError, match="max_image_pixels"):
         fit_setup(data, max_image_pixels=100)  # every image is 120 pixels
     assert len(probes) == 8
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_the_record_gets_the_mode_of_any_new_file(tmp_path, probes, umask):
+    data = tree(tmp_path / "data", {"a": 2, "b": 2})
+    old = os.umask(umask)
+    try:
+        fit_setup(data)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((data / ".tlfinetune-scan.tsv").stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in data.iterdir() if p.name.startswith(".")] == [".tlfinetune-scan.tsv"]
 
 
 def test_read_only_data_keeps_its_record_in_the_cache_folder(tmp_path, probes, monkeypatch):

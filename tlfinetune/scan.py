@@ -14,7 +14,7 @@ run scans only the files that are new or changed since (size or modification tim
 import hashlib
 import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -105,10 +105,16 @@ class ScanRecord:
         lines = [self.header, *(f"{s}\t{m}\t{name}" for name, (s, m) in self.good.items())]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-            os.replace(tmp, self.path)  # a crash while writing leaves the old record whole
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            # Mode 0o666 less the umask, as any new file gets (mkstemp would make it 0o600).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write("\n".join(lines) + "\n")
+                os.replace(tmp, self.path)  # a crash while writing leaves the old record whole
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         except OSError as exc:
             log.info(f"Scan record not written ({self.path}: {exc}); the next run scans again.")
 
