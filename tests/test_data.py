@@ -107,12 +107,16 @@ def test_test_requested_without_test_split(tmp_path):
         arrays.test_dataloader()
 
 
-def test_testing_a_plain_class_folder_uses_all_its_images(tmp_path):
+def test_testing_a_plain_class_folder_uses_all_its_images(tmp_path, data_log):
     """`test --data.root FOLDER` with FOLDER/<class>/*: every image is a test image."""
     tree(tmp_path, {"a": 3, "b": 4})
     dm = ImageDataModule(root=tmp_path, **dm_kwargs())
     dm.setup("test")
     assert len(dm.test_dataset) == 7
+    # ... and when the model was trained on that folder, it has seen them: the user is told
+    (warning,) = [r.getMessage() for r in data_log.records if r.levelname == "WARNING"]
+    assert f"No test/ folder in {tmp_path}: testing on all 7 of its images" in warning
+    assert "has seen most of them" in warning and "test/ folders" in warning
     labels = sorted(int(y) for _, y in dm.test_dataloader().dataset)
     assert labels == [0, 0, 0, 1, 1, 1, 1]
 

@@ -513,8 +513,13 @@ class ImageDataModule(pl.LightningDataModule):
             splits = self._ensure_index().splits
             role = "all" if "test" not in splits and "all" in splits else "test"
             if role == "all":
-                log.info(
-                    "No test/ folder in %s: testing on all %d of its images.",
+                log.warning(
+                    "No test/ folder in %s: testing on all %d of its images. If the model was "
+                    "trained on this folder, it has seen most of them (its val_split held out "
+                    "the rest for validation), and the scores overstate how well it does on new "
+                    "images. For a fair test, point data.root at a folder of images kept out of "
+                    "training (<folder>/<class>/<images>), or lay the data out as train/, val/ "
+                    "and test/ folders and train on that.",
                     self.root,
                     len(splits["all"]),
                 )
