@@ -1,6 +1,7 @@
 """Tiny images, CSV files and arrays on disk or in memory for the data tests."""
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,18 @@ def random_nhwc(n=12, h=10, w=9, seed=0) -> np.ndarray:
 def all_items(dataset) -> tuple[torch.Tensor, list[int]]:
     xs, ys = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
     return torch.stack(xs), list(ys)
+
+
+def fail_listing(monkeypatch, blocked: Path) -> None:
+    """Listing ``blocked`` fails as a chmod 000 folder does for a user who is not root."""
+
+    def refuse(real):
+        def listing(path=".", *args):
+            if Path(os.fspath(path)) == blocked:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args)
+
+        return listing
+
+    monkeypatch.setattr(os, "scandir", refuse(os.scandir))
+    monkeypatch.setattr(os, "listdir", refuse(os.listdir))

@@ -15,8 +15,10 @@ def test_decode_failure_while_loading_names_the_file(tmp_path):
     corrupt_png(tmp_path / "a" / "broken.png")
     dm = ImageDataModule(root=tmp_path, val_split=0.01, **dm_kwargs())
     dm.setup("fit")  # the header scan cannot see it
-    with pytest.raises(DataError, match="broken.png"):
+    with pytest.raises(DataError, match="broken.png") as exc:
         list(dm.train_dataloader())
+    assert "--data.skip_bad_images true" in str(exc.value)  # the way out, in both spellings
+    assert "skip_bad_images: true" in str(exc.value)
 
 
 def test_decode_failure_in_a_worker_process_keeps_type_and_file_name(tmp_path, monkeypatch):
@@ -49,4 +51,5 @@ def test_decode_failure_with_skip_substitutes_and_lists(tmp_path, data_log):
     batches = list(dm.train_dataloader())
     assert sum(len(b[1]) for b in batches) == len(dm.train_dataset)  # batches keep their size
     assert log_file.read_text().split() == [str(broken)]
-    assert any("broken.png" in r.getMessage() for r in data_log.records)
+    said = [r.getMessage() for r in data_log.records if "broken.png" in r.getMessage()]
+    assert said and not any("set skip_bad_images" in m for m in said)  # it is set already

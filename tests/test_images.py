@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from datafiles import fail_listing
 from PIL import Image, ImageFile
 
 from tlfinetune.errors import DataError
@@ -289,3 +290,50 @@ def test_a_split_keeps_each_path_in_its_bytes_not_as_python_objects():
     # Paths (~36 B), offsets (8 B) and labels (8 B) per image, twice (split and subset).
     assert kept / n < 150, f"{kept / n:.0f} bytes per image"
     assert train.files[3] == Path(paths[6]) and train.labels[3] == 6
+
+
+def test_symlinked_folders_are_followed_but_a_link_back_into_them_is_named(tmp_path, make_image):
+    for rel in ["a/0.png", "a/1.png", "b/0.png", "elsewhere/x.png"]:
+        make_image(tmp_path / rel)
+    (tmp_path / "a" / "more").symlink_to(tmp_path / "elsewhere")  # not a loop: followed
+    assert [p.name for p in list_images(tmp_path / "a")] == ["0.png", "1.png", "x.png"]
+    # a link to the data folder from inside a class: followed, it reads b's images as a's
+    (tmp_path / "a" / "loop").symlink_to("..")
+    with pytest.raises(DataError, match=r"a/loop points to '\.\.'.*rm .*a/loop") as exc:
+        list_images(tmp_path / "a")
+    assert "loop" in str(exc.value) and "Traceback" not in str(exc.value)
+    (tmp_path / "a" / "loop").unlink()
+    # two folders linking to each other: os.walk went round them until the path got too long
+    (tmp_path / "b" / "to_a").symlink_to("../a")
+    (tmp_path / "a" / "to_b").symlink_to("../b")
+    with pytest.raises(DataError, match=r"to_[ab] .*points to '\.\./[ab]'.*again and again"):
+        list_images(tmp_path)
+
+
+def test_a_folder_that_cannot_be_read_is_named_not_left_out(tmp_path, make_image, monkeypatch):
+    for rel in ["a/0.png", "a/private/1.png", "b/0.png"]:
+        make_image(tmp_path / rel)
+    fail_listing(monkeypatch, tmp_path / "a" / "private")
+    with pytest.raises(DataError, match=r"Cannot read the folder .*a/private \(Permission denied"):
+        list_images(tmp_path / "a")
+    with pytest.raises(DataError, match=r"chmod -R u\+rX .*a/private"):
+        list_images(tmp_path)
+
+
+def test_a_file_link_that_leads_to_itself_is_a_bad_image(tmp_path):
+    (tmp_path / "self2.png").symlink_to("self1")
+    (tmp_path / "self1").symlink_to("self2.png")
+    for read in (probe_image, load_rgb):
+        with pytest.raises(DataError, match=r"self2\.png cannot be opened.*leads back to itself"):
+            read(tmp_path / "self2.png")
+    assert [p.name for p in list_images(tmp_path)] == ["self2.png"]  # listed, then reported
+
+
+def test_image_messages_leave_the_skip_advice_to_the_caller(tmp_path):
+    """Whether skip_bad_images is on is the caller's to know: the message only names the file."""
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name in ("bad.png", "empty.png"):
+        with pytest.raises(DataError) as exc:
+            probe_image(tmp_path / name)
+        assert name in str(exc.value) and "skip_bad_images" not in str(exc.value)

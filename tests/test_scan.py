@@ -34,7 +34,8 @@ def test_several_bad_images_in_one_message(tmp_path):
         ImageDataModule(root=tmp_path, val_split=0.01, **dm_kwargs()).setup("fit")
     message = str(exc.value)
     assert "3 of the" in message and all(n in message for n in ("x1.jpg", "x2.jpg", "x3.jpg"))
-    assert "skip_bad_images" in message and "\n" not in message
+    assert "\n" not in message and "train without" not in message  # predict shows it too
+    assert "--data.skip_bad_images true" in message and "skip_bad_images: true" in message
 
 
 def test_unreadable_format_is_reported_not_dropped(tmp_path):
@@ -76,6 +77,32 @@ def test_skip_bad_images_skips_lists_and_warns(tmp_path, data_log):
     assert any("Skipped" in w and str(log_file) in w for w in warnings)
     total_skipped = sum(int(w.split()[1]) for w in warnings if w.startswith("Skipped"))
     assert total_skipped == 3
+
+
+def test_skipping_counts_the_split_that_lost_them_and_recounts_the_classes(tmp_path, data_log):
+    """The audit saw "Skipped 2 of the 8 images of folder d" for a folder of 10, and a
+    per-class table that still counted the skipped files."""
+    data = tree(tmp_path / "d", {"a": 5, "b": 5})
+    (data / "a" / "img004.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match="img004.png") as exc:  # the one bad image, unskipped
+        ImageDataModule(root=data, val_split=0.2, **dm_kwargs()).setup("fit")
+    assert "--data.skip_bad_images true" in str(exc.value)
+    assert "skip_bad_images: true under data:" in str(exc.value)
+    data_log.clear()
+    dm = ImageDataModule(
+        root=data, val_split=0.2, skip_bad_images=True, bad_images_log=tmp_path / "bad.txt",
+        **dm_kwargs(),
+    )  # fmt: skip
+    dm.setup("fit")
+    (warning,) = [r.getMessage() for r in data_log.records if r.levelno == logging.WARNING]
+    in_train = len(dm.train_dataset) == 7  # of 8 (else val lost it); the seed decides which
+    part = "training" if in_train else "validation"
+    assert f"of the {8 if in_train else 2} images of folder {data} ({part} part" in warning
+    assert "set skip_bad_images" not in warning  # it is on
+    tables = [r.getMessage() for r in data_log.records if "Images per class" in r.getMessage()]
+    assert "after leaving out 1 unusable image:" in tables[-1]
+    row_a = next(line.split() for line in tables[-1].splitlines() if line.split()[0] == "a")
+    assert [int(n) for n in row_a[1:]] == ([3, 1] if in_train else [4, 0])
 
 
 def test_skip_bad_images_default_list_location_without_trainer(tmp_path, monkeypatch):

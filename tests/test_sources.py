@@ -1,9 +1,12 @@
 """Folder and CSV sources: layouts, class order, splits and the errors that name the culprit."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
-from datafiles import colour, dm_kwargs, file_set, first_pixel, tree, write_csv
+from datafiles import colour, dm_kwargs, fail_listing, file_set, first_pixel, tree, write_csv
 
 from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import DataError, TLFinetuneError
@@ -226,3 +229,53 @@ def test_csv_format_errors(tmp_path, make_image):
         ImageDataModule(root=tmp_path, train_csv=empty_label)
     with pytest.raises(DataError, match="train_csv"):
         ImageDataModule(val_csv=empty_label)
+
+
+def test_folders_that_cannot_be_read_say_so(tmp_path, monkeypatch):
+    tree(tmp_path, {"a": 2, "b": 2, "c": 2})
+    fail_listing(monkeypatch, tmp_path / "c")  # a chmod 000 class folder (root ignores chmod)
+    with pytest.raises(DataError, match=r"Cannot read the folder .*/c \(Permission denied") as e:
+        _ = ImageDataModule(root=tmp_path, **dm_kwargs()).class_names
+    assert "has no images" not in str(e.value)
+    monkeypatch.undo()
+    fail_listing(monkeypatch, tmp_path)
+    with pytest.raises(DataError, match=r"Cannot list the data folder .*chmod u\+rx"):
+        _ = ImageDataModule(root=tmp_path, **dm_kwargs()).class_names
+
+
+def test_a_file_link_loop_is_a_bad_image_in_folders_and_csv_files(tmp_path, make_image):
+    tree(tmp_path, {"a": 3, "b": 3})
+    (tmp_path / "a" / "self2.png").symlink_to("self1")
+    (tmp_path / "a" / "self1").symlink_to("self2.png")
+    with pytest.raises(DataError, match=r"a/self2\.png cannot be opened.*leads back to itself"):
+        ImageDataModule(root=tmp_path, val_split=0.01, **dm_kwargs()).setup("fit")
+    bad = tmp_path / "bad.txt"
+    dm = ImageDataModule(
+        root=tmp_path, val_split=0.01, skip_bad_images=True, bad_images_log=bad, **dm_kwargs()
+    )
+    dm.setup("fit")
+    assert dm.bad_images == [tmp_path / "a" / "self2.png"]
+    assert len(dm.train_dataset) + len(dm.val_dataset) == 6
+    rows = [("a/img000.png", "x"), ("a/self2.png", "x"), ("b/img000.png", "y")]
+    train = write_csv(tmp_path / "train.csv", rows + [("b/img001.png", "y")])
+    with pytest.raises(DataError, match=r"train\.csv row 2 .*self2\.png cannot be opened"):
+        ImageDataModule(train_csv=train, val_split=0.01, **dm_kwargs()).setup("fit")
+
+
+@pytest.mark.slow
+def test_the_command_line_stops_at_a_folder_link_loop(tmp_path):
+    """A link back to the data folder made fit count b's images as a's (and two of them hung)."""
+    data = tree(tmp_path / "data", {"a": 3, "b": 3})
+    (data / "a" / "loop").symlink_to("..")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlfinetune", "fit", f"--data.root={data}",
+         "--data.image_size=32", "--model.backbone=test_vgg16", "--model.weights=none",
+         "--data.skip_bad_images=true",  # a loop is no bad image: skipping does not hide it
+         f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.max_epochs=1"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert f"symbolic link {data}/a/loop points to '..'" in proc.stderr
+    assert f"rm {data}/a/loop" in proc.stderr
+    assert not (tmp_path / "runs" / "version_0" / "checkpoints").exists()

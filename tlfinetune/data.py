@@ -377,7 +377,7 @@ class ImageDataModule(pl.LightningDataModule):
             self._log_class_balance(self._index)
         return self._index
 
-    def _log_class_balance(self, index: Index) -> None:
+    def _log_class_balance(self, index: Index, when: str = "") -> None:
         """Images per class and split; a warning when the training classes are far apart."""
         c = len(index.class_names)
         counts = {
@@ -385,9 +385,10 @@ class ImageDataModule(pl.LightningDataModule):
             for role, split in index.splits.items()
             if role in ("train", "val", "test")
         }
-        log.info("Images per class:\n%s", per_class_counts_table(index.class_names, counts))
+        log.info("Images per class%s:\n%s", when, per_class_counts_table(index.class_names, counts))
         warning = imbalance_warning(index.class_names, counts["train"])
-        if warning and self.sampler != "balanced":  # balanced sampling is the remedy chosen
+        # Balanced sampling is the remedy chosen; a recount after skipping warns no second time.
+        if warning and self.sampler != "balanced" and not when:
             log.warning(warning)
 
     # ---------------------------------------------------------------- where bad images are listed
@@ -428,9 +429,14 @@ class ImageDataModule(pl.LightningDataModule):
         for role in roles:
             if role not in index.splits:
                 raise DataError(self._no_test_message() if role == "test" else f"No {role} split.")
+        before = [len(index.splits[role]) for role in roles]
         splits = self._scan([index.splits[role] for role in roles])
         for role, split in zip(roles, splits, strict=True):
             index.splits[role] = split
+        left_out = sum(before) - sum(len(s) for s in splits)
+        if left_out:  # the table logged when the data was indexed counted them
+            images = "image" if left_out == 1 else "images"
+            self._log_class_balance(index, f" after leaving out {left_out} unusable {images}")
         if "train" in roles:
             present = set(index.splits["train"].labels)
             lost = [n for i, n in enumerate(index.class_names) if i not in present]

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from tlfinetune.errors import DataError
-from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, PathList, load_rgb
+from tlfinetune.images import DEFAULT_MAX_IMAGE_PIXELS, SKIP_HINT, PathList, load_rgb
 
 __all__ = ["ArrayDataset", "ImageFileDataset", "IndexedDataset", "append_lines"]
 
@@ -104,7 +104,7 @@ class ImageFileDataset(Dataset):
                 pixels = self._load(j)
             except DataError as exc:
                 if not self.skip_bad_images:
-                    raise
+                    raise DataError(f"{exc} {SKIP_HINT}") from exc
                 self._report(self.files[j], exc)
                 if self.substitute_blank:
                     blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)

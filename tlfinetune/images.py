@@ -9,6 +9,11 @@ Decisions, in one place:
   ``.ipynb_checkpoints`` or macOS ``._photo.jpg`` resource forks) are skipped. Files with an
   image extension that Pillow cannot read are *reported* (they are bad images), never dropped
   silently.
+* **Folders.** Folders are searched recursively and links to folders are followed, except a
+  link that leads back into a folder it is read from (a loop: followed, it would count the same
+  images again and again, under the wrong class), which is an error naming the link, as is a
+  folder that cannot be read (its images would silently be missing). These are errors even with
+  ``skip_bad_images``, which is about image files: a folder problem is fixed once, in the folder.
 * **Alpha.** Transparent pixels are composited onto **white** (modes ``RGBA``, ``LA``, ``PA``,
   ``P`` with a transparency entry), the way a browser or an image viewer shows them; dropping
   the alpha channel would instead reveal whatever colour happens to be stored under transparent
@@ -35,6 +40,7 @@ Decisions, in one place:
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import threading
@@ -51,6 +57,7 @@ __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "IMAGE_EXTENSIONS",
     "ImageInfo",
+    "SKIP_HINT",
     "PathList",
     "is_hidden",
     "is_image_file",
@@ -121,6 +128,15 @@ _PLUGIN_HINTS = {
 _RAW_HINT = "camera RAW files must be developed to JPEG/PNG/TIFF first"
 
 _PIXEL_LIMIT_LOCK = threading.Lock()
+
+# errno values of OSErrors raised by opening a file rather than by decoding it.
+_OPEN_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ELOOP, errno.EIO, errno.EISDIR})
+
+SKIP_HINT = (
+    "To leave unusable images out instead, turn on skip_bad_images (--data.skip_bad_images "
+    "true on the command line, skip_bad_images: true under data: in a YAML config)."
+)
+"""What to tell a user whose images stopped a run, when ``skip_bad_images`` is off."""
 
 
 @dataclass(frozen=True)
@@ -209,16 +225,93 @@ def list_images(folder: Path | str) -> PathList:
 
     Hidden files and folders are skipped; symbolic links to folders are followed. The order is
     that of the paths relative to ``folder`` (so it does not depend on the file system).
+
+    Raises:
+        DataError: A folder cannot be read (its images would silently be missing), or a
+            symbolic link leads back into a folder that contains it (a loop: followed, it
+            would count the same images again and again, under the wrong class).
     """
     root = os.fspath(folder)
     found: list[tuple[str, str]] = []  # (relative POSIX path: the sort key, path)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
-        rel = Path(os.path.relpath(dirpath, root)).as_posix()
-        prefix = "" if rel == "." else rel + "/"
-        found.extend((prefix + f, os.path.join(dirpath, f)) for f in filenames if is_image_file(f))
+    # (st_dev, st_ino) of the real folders above the one being read: the root's real ancestors
+    # too, so that a link to the data folder itself (``ln -s .. a/loop``) is caught at once.
+    above = set()
+    for parent in Path(os.path.realpath(root)).parents:
+        with contextlib.suppress(OSError):  # an ancestor we cannot stat: no link reaches it
+            above.add(_identity(parent))
+    _walk(root, "", above, found)
     found.sort()
     return PathList(path for _, path in found)
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _walk(
+    path: str, prefix: str, above: set[tuple[int, int]], found: list[tuple[str, str]]
+) -> None:
+    """Adds the images under the folder ``path`` to ``found``; ``above``: folders on the way."""
+    try:
+        here = _identity(path)
+        with os.scandir(path) as it:
+            entries = list(it)
+    except OSError as exc:
+        raise _unreadable_folder(path, exc) from exc
+    above.add(here)
+    try:
+        for entry in entries:
+            if is_hidden(entry.name):
+                continue
+            if _is_dir(entry):
+                if entry.is_symlink() and _link_target(entry) in above:
+                    raise _loop_error(entry.path)
+                _walk(entry.path, prefix + entry.name + "/", above, found)
+            elif is_image_file(entry.name):
+                found.append((prefix + entry.name, entry.path))
+    finally:
+        above.discard(here)
+
+
+def _link_target(entry: os.DirEntry) -> tuple[int, int]:
+    try:
+        return _identity(entry.path)
+    except OSError as exc:  # removed or changed while being read
+        raise _unreadable_folder(entry.path, exc) from exc
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is a folder or a link to one (a broken or looping link is not)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _loop_error(link: str) -> DataError:
+    real = os.path.join(os.path.realpath(os.path.dirname(link)), os.path.basename(link))
+    where = "" if real == os.path.abspath(link) else f" (the link itself is {real})"
+    return DataError(
+        f"The symbolic link {link}{where} points to {os.readlink(link)!r}, which leads back into "
+        "a folder the link is read from: following it would go round in a loop, reading the "
+        f"same images again and again (under the wrong class). Remove the link (rm {real}) or "
+        "point it at a folder outside the data folder."
+    )
+
+
+def _unreadable_folder(path: str, exc: OSError) -> DataError:
+    reason = exc.strerror or str(exc)
+    fix = (
+        f"make it readable (chmod -R u+rX {path}) "
+        if isinstance(exc, PermissionError)
+        else "check the disk or the link "
+    )
+    return DataError(
+        f"Cannot read the folder {path} ({reason}), so its images cannot be found. "
+        f"To use them, {fix}and run again; to leave them out, move the folder out of the data "
+        "folder."
+    )
 
 
 def _pixel_limit_error(path: Path, pixels: int, limit: int | None) -> DataError:
@@ -227,7 +320,7 @@ def _pixel_limit_error(path: Path, pixels: int, limit: int | None) -> DataError:
         f"{limit if limit is None else format(limit, ',')} (a guard against decompression bombs: "
         "small files that expand to huge images). If the image is genuine, raise "
         "max_image_pixels (data.max_image_pixels; null disables the check) or downscale the "
-        "file; otherwise remove it, or set skip_bad_images: true to skip it."
+        "file; otherwise remove it."
     )
 
 
@@ -283,32 +376,49 @@ def _open(path: Path, max_image_pixels: int | None) -> Image.Image:
         raise DataError(
             f"Image {path} is too large for max_image_pixels = {max_image_pixels} ({exc}). If the "
             "image is genuine, raise max_image_pixels (data.max_image_pixels; null disables the "
-            "check) or downscale the file; otherwise remove it, or set skip_bad_images: true to "
-            "skip it."
+            "check) or downscale the file; otherwise remove it."
         ) from exc
     except FileNotFoundError as exc:
         raise DataError(f"Image file {path} does not exist (any more); check the path.") from exc
-    except PermissionError as exc:
-        raise DataError(
-            f"Image file {path} cannot be opened: permission denied. Make it readable, or set "
-            "skip_bad_images: true to skip it."
-        ) from exc
     except UnidentifiedImageError as exc:
         raise DataError(
             f"Cannot read image {path}: Pillow does not recognise its format "
-            f"({_unreadable_hint(path)}). Convert or remove the file, or set "
-            "skip_bad_images: true to skip unreadable images."
+            f"({_unreadable_hint(path)}). Convert or remove the file."
         ) from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DataError(
-            f"Cannot read image {path} ({type(exc).__name__}: {exc}); the file is corrupt or "
-            "truncated. Replace or remove it, or set skip_bad_images: true to skip bad images."
-        ) from exc
+    except OSError as exc:
+        if exc.filename is not None or exc.errno in _OPEN_ERRNOS:  # opening it failed
+            raise _cannot_open(path, exc) from exc
+        raise _corrupt(path, exc) from exc
+    except (SyntaxError, ValueError, EOFError) as exc:
+        raise _corrupt(path, exc) from exc
     w, h = img.size
     if max_image_pixels is not None and w * h > max_image_pixels:
         img.close()
         raise _pixel_limit_error(path, w * h, max_image_pixels)
     return img
+
+
+def _cannot_open(path: Path, exc: OSError) -> DataError:
+    """The file itself cannot be opened (a permission, a link loop, an I/O error)."""
+    if isinstance(exc, PermissionError):
+        fix = f"make it readable (chmod u+r {path}) or remove it"
+    elif exc.errno == errno.ELOOP:
+        fix = (
+            "it is a symbolic link that leads back to itself (directly or through other links); "
+            "remove the link or point it at an image file"
+        )
+    elif isinstance(exc, IsADirectoryError):
+        fix = "it is a folder with an image's name; rename it"
+    else:
+        fix = "check the disk, or replace or remove the file"
+    return DataError(f"Image file {path} cannot be opened ({exc.strerror or exc}): {fix}.")
+
+
+def _corrupt(path: Path, exc: Exception) -> DataError:
+    return DataError(
+        f"Cannot read image {path} ({type(exc).__name__}: {exc}); the file is corrupt or "
+        "truncated. Replace or remove it."
+    )
 
 
 def _has_end_marker(path: Path, fmt: str | None) -> bool:
@@ -349,11 +459,11 @@ def probe_image(
     p = Path(path)
     try:
         if p.stat().st_size == 0:
-            raise DataError(
-                f"Image file {p} is empty (0 bytes). Remove it, or set skip_bad_images: true."
-            )
+            raise DataError(f"Image file {p} is empty (0 bytes). Replace or remove it.")
     except FileNotFoundError as exc:
         raise DataError(f"Image file {p} does not exist; check the path.") from exc
+    except OSError as exc:  # a link loop, an I/O error: the file cannot be opened
+        raise _cannot_open(p, exc) from exc
     img = _open(p, max_image_pixels)
     try:
         info = ImageInfo(p, img.size[0], img.size[1], img.mode, img.format)
@@ -371,12 +481,12 @@ def _decode(img: Image.Image, path: Path) -> None:
     except Image.DecompressionBombError as exc:
         raise DataError(
             f"Image {path} is too large ({exc}); raise max_image_pixels "
-            "(data.max_image_pixels) or remove the file, or set skip_bad_images: true."
+            "(data.max_image_pixels) or remove the file."
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise DataError(
             f"Cannot decode image {path} ({type(exc).__name__}: {exc}); the file is corrupt or "
-            "truncated. Replace or remove it, or set skip_bad_images: true to skip bad images."
+            "truncated. Replace or remove it."
         ) from exc
 
 
@@ -462,7 +572,7 @@ def load_rgb(
         except (ValueError, OSError) as exc:
             raise DataError(
                 f"Cannot convert image {p} (mode {img.mode}) to RGB ({exc}). Convert the file to "
-                "an RGB or grayscale PNG/JPEG, or set skip_bad_images: true to skip it."
+                "an RGB or grayscale PNG/JPEG, or remove it."
             ) from exc
         if rgb is img:
             img = None  # the caller owns it now

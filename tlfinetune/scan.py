@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tlfinetune.datasets import append_lines
 from tlfinetune.errors import DataError
-from tlfinetune.images import probe_image
+from tlfinetune.images import SKIP_HINT, probe_image
 from tlfinetune.machine import cache_root
 from tlfinetune.sources import LIST_IN_MESSAGE, Split
 
@@ -206,7 +206,7 @@ class HeaderScan:
         bad_all = [(split, i, exc) for split in todo for i, exc in found[id(split)]]
         if bad_all and not self.skip:
             if len(bad_all) == 1:
-                raise DataError(describe(*bad_all[0]))
+                raise DataError(f"{describe(*bad_all[0])} {SKIP_HINT}")
             total = sum(len(s) for s in todo)
             where = "; ".join(f"{len(found[id(s)])} in {s.origin}" for s in todo if found[id(s)])
             others = ", ".join(str((s.files or [])[i]) for s, i, _ in bad_all[1:LIST_IN_MESSAGE])
@@ -214,8 +214,7 @@ class HeaderScan:
             raise DataError(
                 f"{len(bad_all)} of the {total} images cannot be used ({where}). The first: "
                 f"{describe(*bad_all[0])} The others: {others}"
-                f"{f' and {more} more' if more > 0 else ''}. Set skip_bad_images: true to train "
-                "without them."
+                f"{f' and {more} more' if more > 0 else ''}. {SKIP_HINT}"
             )
         out = []
         todo_ids = {id(s) for s in todo}
@@ -242,8 +241,8 @@ class HeaderScan:
                 self._list_started = True
             append_lines(list_file, [str(p) for p in bad_paths])
         log.warning(
-            "Skipped %d of the %d images of %s (skip_bad_images); their paths are listed in %s. "
-            "The first: %s",
+            "Skipped %d of the %d images of %s, as skip_bad_images asks; their paths are listed "
+            "in %s. The first: %s",
             len(bad),
             len(files),
             split.origin,

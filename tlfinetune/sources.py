@@ -75,7 +75,15 @@ def _visible_dirs(folder: Path) -> list[Path]:
     try:
         entries = sorted(folder.iterdir(), key=lambda p: p.name)
     except OSError as exc:
-        raise DataError(f"Cannot list the data folder {folder} ({exc}).") from exc
+        fix = (
+            f"Make it readable (chmod u+rx {folder}, or run as a user who may read it)"
+            if isinstance(exc, PermissionError)
+            else "Check that the disk is mounted and the path is right"
+        )
+        raise DataError(
+            f"Cannot list the data folder {folder} ({exc.strerror or exc}). {fix}, or copy the "
+            "images to a folder you can read and point data.root there."
+        ) from exc
     return [p for p in entries if p.is_dir() and not is_hidden(p.name)]
 
 
@@ -200,8 +208,8 @@ def split_off_val(train: Split, what: str, val_split: float, seed: int) -> dict[
             "separate validation set."
         )
     return {
-        "train": train.subset(tr),
-        "val": train.subset(va, origin=f"{train.origin} (val_split {val_split})"),
+        "train": train.subset(tr, origin=f"{train.origin} (training part, val_split {val_split})"),
+        "val": train.subset(va, origin=f"{train.origin} (validation part, val_split {val_split})"),
     }
 
 
