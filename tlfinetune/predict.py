@@ -26,10 +26,18 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
+from tlfinetune.errors import ConfigError, TLFinetuneError
+from tlfinetune.runs import next_free_name
 from tlfinetune.saliency import cam_layer, grad_cam, overlay
 from tlfinetune.tta import TTA, check_tta, switch_tta
 
 log = logging.getLogger(__name__)
+
+DEFAULT_NAME = "predictions.csv"
+
+
+class OutputError(TLFinetuneError):
+    """The predictions cannot be written where asked: the file exists, is protected or a folder."""
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -38,14 +46,26 @@ class PredictionWriter(BasePredictionWriter):
     One row per image, sorted by the image's position in the data's predict files; under DDP
     every image appears once, however the sampler spread (or repeated) it over processes.
 
+    Nothing is written over: a given ``output`` that exists is refused before any image is
+    predicted unless ``overwrite`` is set, and even then never when it is the checkpoint being
+    read or one of the images; without ``output``, an existing ``predictions.csv`` is kept and
+    the new file is numbered (``predictions.1.csv``, ``predictions.2.csv``...).
+
     Args:
         output: the CSV file; ``predictions.csv`` under ``trainer.default_root_dir`` by default.
-        top_k: how many of the most probable classes to list per image.
+        top_k: how many of the most probable classes to list per image (1 or more; with fewer
+            classes than that, every class is listed).
         explain: folder for one PNG per image: the image with the Grad-CAM heat map of its
             predicted class blended over it, named after the image (``cats/img1.jpg`` ->
             ``DIR/cats/img1.png``, subfolders kept). Costs about two forward passes per batch.
         tta: test-time augmentation: ``none``, or ``flip`` (the mean probabilities of each image
             and its horizontal mirror; the CSV then ends with a ``tta`` column saying so).
+        overwrite: replace ``output`` when it exists (refused otherwise).
+
+    Raises:
+        ConfigError: ``top_k`` is less than 1, or ``tta`` is not a known mode.
+        OutputError: (when predicting starts) ``output`` exists without ``overwrite``, is the
+            checkpoint or an input image, is a folder, or its folder cannot be written.
     """
 
     def __init__(
@@ -54,10 +74,19 @@ class PredictionWriter(BasePredictionWriter):
         top_k: int = 5,
         explain: str | None = None,
         tta: TTA = "none",
+        overwrite: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
+        # bool is an int to Python, but True as "list one class" is a mistake, not a choice
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ConfigError(
+                f"--prediction.top_k {top_k!r}: give how many of the most probable classes each "
+                f"row of the CSV lists, 1 or more (default 5)."
+            )
         self.output = output
         self.top_k = top_k
+        self.overwrite = overwrite
+        self._resolved: Path | None = None  # the CSV of this run, checked and numbered
         self.explain = explain
         self._overlay_names: dict[int, Path] = {}
         self.tta = check_tta(tta)
@@ -70,7 +99,70 @@ class PredictionWriter(BasePredictionWriter):
         self._files: list[Any] = []
 
     def _path(self, trainer: pl.Trainer) -> Path:
-        return Path(self.output or Path(trainer.default_root_dir) / "predictions.csv")
+        """The CSV this run writes, checked (and numbered) once, before the first image."""
+        if self._resolved is None:
+            self._resolved = self._check_output(trainer)
+        return self._resolved
+
+    def _check_output(self, trainer: pl.Trainer) -> Path:
+        """Where the CSV may go: refused (OutputError) where it would replace what the user had.
+
+        Every process runs the same checks on the same files, so all of them fail together
+        (none is left waiting in a collective) or agree on the path.
+        """
+        if self.output:
+            path = Path(self.output)
+            if path.exists() and not path.is_dir():
+                self._refuse_protected(trainer, path)
+                if not self.overwrite:
+                    raise OutputError(
+                        f"--prediction.output {path} already exists; refusing to overwrite it. "
+                        f"Choose another file name or pass --prediction.overwrite true to "
+                        f"replace it."
+                    )
+        else:
+            folder = Path(trainer.default_root_dir)
+            path = folder / next_free_name(folder, DEFAULT_NAME)
+        if path.is_dir():
+            raise OutputError(
+                f"--prediction.output {path} is a folder; give the path of the CSV file to "
+                f"write, e.g. {path / DEFAULT_NAME}."
+            )
+        folder = path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(
+                f"Cannot create the folder {folder} for the predictions ({err.strerror}); "
+                f"choose another --prediction.output."
+            ) from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputError(
+                f"The folder {folder} is not writable, so the predictions cannot go to {path}; "
+                f"choose another --prediction.output (or --trainer.default_root_dir)."
+            )
+        return path
+
+    @staticmethod
+    def _refuse_protected(trainer: pl.Trainer, path: Path) -> None:
+        """Never replace the checkpoint being read or an input image, whatever ``overwrite``."""
+        ckpt = trainer.ckpt_path
+        if ckpt and Path(ckpt).is_file() and path.samefile(ckpt):
+            raise OutputError(
+                f"--prediction.output {path} is the checkpoint being read (--ckpt_path {ckpt}); "
+                f"refusing to write the predictions over it, even with --prediction.overwrite. "
+                f"Choose another file name."
+            )
+        # Only files of the same name can be the same file (hard links aside): a million images
+        # cost no million stat calls.
+        files = getattr(trainer.datamodule, "predict_files", None) or []
+        for f in files:
+            if Path(f).name == path.name and Path(f).is_file() and path.samefile(f):
+                raise OutputError(
+                    f"--prediction.output {path} is one of the images being predicted; refusing "
+                    f"to write the predictions over it, even with --prediction.overwrite. "
+                    f"Choose another file name."
+                )
 
     def _part_of(self, path: Path, rank: int) -> Path:
         return path.with_name(f".{path.name}.part{rank}")
@@ -78,7 +170,6 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Open this process's part file."""
         path = self._path(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._close_part()
         self._part_path = self._part_of(path, trainer.global_rank)
         self._part = open(self._part_path, "w", newline="")  # noqa: SIM115 - closed at epoch end
@@ -86,6 +177,11 @@ class PredictionWriter(BasePredictionWriter):
         self._names = [str(n) for n in pl_module.hparams.get("class_names") or []] or [
             str(i) for i in range(pl_module.hparams.num_classes)
         ]
+        if self.top_k > len(self._names) and trainer.is_global_zero:
+            log.info(
+                f"Listing all {len(self._names)} classes per image: --prediction.top_k "
+                f"{self.top_k} is more than the model has."
+            )
         self._files = getattr(trainer.datamodule, "predict_files", None) or []
         if self.explain:
             cam_layer(pl_module)  # a backbone without a feature map fails before any batch
@@ -165,11 +261,15 @@ class PredictionWriter(BasePredictionWriter):
             parts = [self._part_of(path, r) for r in range(trainer.world_size)]
             count = merge_parts(parts, path, self._header(), presorted=all_sorted)
             tta = f" (test-time augmentation: {self.tta})" if self.tta != "none" else ""
+            kept = path.with_name(DEFAULT_NAME)
+            if not self.output and path != kept:
+                tta += f"; the earlier {kept} is kept"
             print(f"Wrote {count} predictions to {path}{tta}")
         trainer.strategy.barrier()  # the parts are gone before any process returns
 
     def on_exception(self, trainer: pl.Trainer, *args: Any) -> None:  # noqa: D102
         self._close_part()
+        self._resolved = None
         if self._tta_before is not None and trainer.lightning_module is not None:
             self.on_predict_end(trainer, trainer.lightning_module)
         if self._part_path is not None:
@@ -184,10 +284,14 @@ class PredictionWriter(BasePredictionWriter):
         return header
 
     # Test-time augmentation is the model's forward pass (tlfinetune.tta): on for this run only.
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the output (before any image is predicted); switch test-time augmentation on."""
+        self._resolved = None  # each run checks and numbers its own file
+        self._path(trainer)
         self._tta_before = switch_tta(pl_module, self.tta)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
+        self._resolved = None
         if self._tta_before is not None:
             switch_tta(pl_module, self._tta_before)
             self._tta_before = None
@@ -198,14 +302,17 @@ class PredictionWriter(BasePredictionWriter):
             self._part = None
 
 
-def _lines(path: Path, presorted: bool) -> Iterator[tuple[int, str]]:
-    """``(index, rest of the line)`` of a part file, in index order."""
+def _rows(path: Path, presorted: bool) -> Iterator[tuple[int, list[str]]]:
+    """``(index, rest of the row)`` of a part file, in index order.
+
+    Read as CSV, not line by line: a file name may hold a newline, which the CSV quotes.
+    """
     with open(path, newline="") as f:
-        lines = ((int(index), rest) for index, _, rest in (line.partition(",") for line in f))
+        rows = ((int(row[0]), row[1:]) for row in csv.reader(f))
         if presorted:
-            yield from lines
+            yield from rows
         else:  # a custom sampler that shuffles: this process's rows are sorted in memory
-            yield from sorted(lines, key=lambda item: item[0])
+            yield from sorted(rows, key=lambda item: item[0])
 
 
 def merge_parts(parts: list[Path], path: Path, header: list[str], presorted: bool) -> int:
@@ -218,12 +325,13 @@ def merge_parts(parts: list[Path], path: Path, header: list[str], presorted: boo
     count, last = 0, None
     try:
         with open(tmp, "w", newline="") as out:
-            csv.writer(out).writerow(header)
-            streams = [_lines(p, presorted) for p in parts if p.is_file()]
+            writer = csv.writer(out)
+            writer.writerow(header)
+            streams = [_rows(p, presorted) for p in parts if p.is_file()]
             for index, rest in heapq.merge(*streams, key=lambda item: item[0]):
                 if index == last:  # a sampler's padding repeat: the same image, predicted again
                     continue
-                out.write(rest)
+                writer.writerow(rest)
                 count, last = count + 1, index
         tmp.replace(path)
     finally:
