@@ -1,6 +1,7 @@
 """The command line end to end, in-process, on tiny image folders and the demo dataset."""
 
 import csv
+import json
 import subprocess
 import sys
 from datetime import timedelta
@@ -106,6 +107,12 @@ def test_fit_validate_test_predict(tmp_path, capfd, caplog, recwarn):
 
     for name in ("metrics.json", "confusion_matrix.png", "mistakes.png"):
         assert (tmp_path / "val" / name).is_file(), name
+    # Three reports into one folder: none replaced, each run's files share a number.
+    for number, stage in (("", "validate"), (".1", "validate"), (".2", "test")):
+        metrics = json.loads((tmp_path / "val" / f"metrics{number}.json").read_text())
+        assert metrics["stage"] == stage
+        for name in ("confusion_matrix", "mistakes"):
+            assert (tmp_path / "val" / f"{name}{number}.png").is_file()
     assert (version / "learning_curves.png").is_file()
 
     images = tmp_path / "new"

@@ -5,7 +5,7 @@ import csv
 import pytest
 from PIL import Image
 
-from tlfinetune.compare import COLUMNS, compare
+from tlfinetune.compare import COLUMNS, compare, write_comparison
 from tlfinetune.errors import ConfigError
 
 # A second backbone of another family: the RegNet stand-in (test_regnet, BatchNorm included).
@@ -52,3 +52,21 @@ def test_unknown_backbone_is_refused_before_any_training(tmp_path):
     with pytest.raises(ConfigError, match="--backbones: Unknown backbone 'vgg61'.*vgg16"):
         compare(["--backbones=test_vgg16,vgg61", f"--trainer.default_root_dir={tmp_path}"])
     assert not (tmp_path / "compare").exists()
+
+
+def test_a_second_comparison_keeps_the_first(tmp_path, capsys):
+    row = dict.fromkeys(COLUMNS, 1) | {"backbone": "test_vgg16", "regime": "frozen"}
+    write_comparison([row], tmp_path)
+    earlier = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(earlier) == ["comparison.csv", "comparison.md", "comparison.png"]
+    capsys.readouterr()
+    written = write_comparison([row, row | {"regime": "full"}], tmp_path)
+    assert written == tmp_path / "comparison.1.csv"
+    assert {name: (tmp_path / name).read_bytes() for name in earlier} == earlier
+    with open(written) as f:
+        assert [r["regime"] for r in csv.DictReader(f)] == ["frozen", "full"]
+    assert "| full |" in (tmp_path / "comparison.1.md").read_text()
+    assert (tmp_path / "comparison.1.png").is_file()
+    said = capsys.readouterr().out
+    assert f"Comparison written to {written}, comparison.1.md and comparison.1.png" in said
+    assert "the earlier comparison files there are kept" in said

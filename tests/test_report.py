@@ -1,5 +1,6 @@
 import json
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -18,11 +19,13 @@ from torchmetrics.functional.classification import (
 
 from tlfinetune import FreezeSchedule, TransferClassifier
 from tlfinetune.report import (
+    REPORT_FILES,
     EvalResult,
     EvaluationReport,
     LearningCurves,
     evaluate,
     format_report,
+    free_number,
     plot_learning_curves,
     write_report,
 )
@@ -198,6 +201,16 @@ def test_evaluation_report_runs_at_validate_and_test_not_during_fit(tmp_path, ca
     assert len(calls) == 2 * 3  # one forward per batch: no second pass over the data
     assert "test report" in capsys.readouterr().out
 
+    # A second test keeps the first report; the new one's files share the number 1.
+    folder = tmp_path / "test_report"
+    earlier = {p.name: p.read_bytes() for p in folder.iterdir()}
+    t.test(model, data)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*REPORT_FILES, "metrics.1.json", "confusion_matrix.1.png", "mistakes.1.png"]
+    )
+    assert {name: (folder / name).read_bytes() for name in earlier} == earlier
+    assert json.loads((folder / "metrics.1.json").read_text()) == report.metrics[0]
+
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ddp")  # see conftest.py
@@ -209,3 +222,58 @@ def test_evaluation_report_gathers_predictions_from_all_processes(ddp_runs):
     assert metrics["accuracy"] == pytest.approx(logged["test/acc"])
     assert sum(map(sum, metrics["confusion_matrix"])) == 26
     assert_png(out / "test_report" / "confusion_matrix.png", (500, 500))
+
+
+def test_a_second_report_keeps_the_first_and_numbers_all_its_files(tmp_path, data_log):
+    logits, labels, _ = lookup_data()
+    result = EvalResult.from_probs(torch.softmax(logits, dim=1), labels, ["a", "b", "c"])
+    write_report(result, tmp_path, {"run": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(REPORT_FILES)
+    earlier = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    write_report(result, tmp_path, {"run": 2})
+    assert {name: (tmp_path / name).read_bytes() for name in earlier} == earlier
+    assert json.loads((tmp_path / "metrics.1.json").read_text())["run"] == 2
+    assert_png(tmp_path / "confusion_matrix.1.png", (500, 500))
+    assert (tmp_path / "mistakes.1.png").is_file()
+    assert (
+        f"Report written to {tmp_path / 'metrics.1.json'}, confusion_matrix.1.png and "
+        "mistakes.1.png; the earlier report files there are kept." in data_log.text
+    )
+    # What is left of an earlier set still takes its number: the next set shares number 3.
+    (tmp_path / "mistakes.2.png").write_bytes(b"someone's")
+    write_report(result, tmp_path, {"run": 3})
+    assert json.loads((tmp_path / "metrics.3.json").read_text())["run"] == 3
+    assert (tmp_path / "confusion_matrix.3.png").is_file() and (
+        tmp_path / "mistakes.3.png"
+    ).is_file()
+    assert not (tmp_path / "metrics.2.json").exists()
+    assert (tmp_path / "mistakes.2.png").read_bytes() == b"someone's"
+
+
+class TwoLoaders(pl.LightningModule):
+    """Logits from a table (row = first pixel), tested on several dataloaders."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.save_hyperparameters({"num_classes": logits.shape[1]})
+        self.lookup = Lookup(logits)
+
+    def forward(self, x):
+        return self.lookup(x)
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        self(batch[0])
+
+
+def test_one_number_for_the_report_folders_of_one_run(tmp_path):
+    logits, _, loader = lookup_data()
+    # An earlier file in any dataloader's folder moves the whole run to the next number.
+    (tmp_path / "dataloader_1").mkdir()
+    (tmp_path / "dataloader_1" / "mistakes.png").write_bytes(b"earlier")
+    report = EvaluationReport(dirpath=str(tmp_path), verbose=False, heat_maps=False)
+    trainer(callbacks=[report]).test(TwoLoaders(logits), [loader, loader], verbose=False)
+    for folder in ("dataloader_0", "dataloader_1"):
+        names = sorted(p.name for p in (tmp_path / folder).iterdir())
+        assert names[:3] == ["confusion_matrix.1.png", "metrics.1.json", "mistakes.1.png"]
+    assert not (tmp_path / "dataloader_0" / "metrics.json").exists()
+    assert (tmp_path / "dataloader_1" / "mistakes.png").read_bytes() == b"earlier"

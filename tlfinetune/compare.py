@@ -4,7 +4,8 @@ The seed leaves the choice between transfer learning and fine-tuning to "experim
 evaluation". This runs that experiment on the user's own data: the same fit (config, epochs,
 data, seed) once per backbone and regime, each in its own process (so peak memory is its own),
 and writes ``comparison.csv``, ``comparison.md`` and ``comparison.png`` under
-``trainer.default_root_dir`` with trainable parameters, seconds per epoch, peak memory, best
+``trainer.default_root_dir`` (numbered ``comparison.1.csv``... when an earlier comparison is
+there, which is kept) with trainable parameters, seconds per epoch, peak memory, best
 validation accuracy and loss. Each backbone prepares images with its own weights' preset (and
 takes its crop size as image size unless ``--data.image_size`` sets one for all).
 
@@ -35,6 +36,7 @@ from tlfinetune.cli import TLFinetuneCLI
 from tlfinetune.errors import ConfigError
 from tlfinetune.freeze import REGIMES, count_parameters
 from tlfinetune.machine import peak_rss_mb
+from tlfinetune.report import free_number, numbered
 
 COLUMNS = (
     "backbone",
@@ -47,6 +49,7 @@ COLUMNS = (
     "best_val_acc",
     "best_val_loss",
 )
+COMPARISON_FILES = ("comparison.csv", "comparison.md", "comparison.png")
 
 
 class RegimeStats(pl.Callback):
@@ -209,10 +212,19 @@ def _train(
     return json.loads(stats.read_text())
 
 
-def write_comparison(rows: list[dict[str, Any]], root: Path) -> None:
-    """``comparison.csv``, ``comparison.md`` and ``comparison.png`` under ``root``."""
+def write_comparison(rows: list[dict[str, Any]], root: Path) -> Path:
+    """``comparison.csv``, ``comparison.md`` and ``comparison.png`` under ``root``.
+
+    An earlier comparison there is kept: the new files are numbered, all three with the same
+    number (``comparison.1.csv``, ``comparison.1.md``, ``comparison.1.png``).
+
+    Returns:
+        The CSV file written.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / "comparison.csv", "w", newline="") as f:
+    number = free_number([root], COMPARISON_FILES)
+    csv_path, md_path, png_path = (root / numbered(n, number) for n in COMPARISON_FILES)
+    with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
@@ -223,10 +235,12 @@ def write_comparison(rows: list[dict[str, Any]], root: Path) -> None:
         + " |"
         for r in rows
     ]  # noqa: E501
-    (root / "comparison.md").write_text("\n".join(lines) + "\n")
-    plot_comparison(rows).savefig(root / "comparison.png", dpi=100)
+    md_path.write_text("\n".join(lines) + "\n")
+    plot_comparison(rows).savefig(png_path, dpi=100)
     print("\n".join(lines))
-    print(f"\nComparison written to {root / 'comparison.csv'}, .md and .png")
+    kept = "; the earlier comparison files there are kept" if number else ""
+    print(f"\nComparison written to {csv_path}, {md_path.name} and {png_path.name}{kept}")
+    return csv_path
 
 
 def plot_comparison(rows: list[dict[str, Any]]) -> Any:

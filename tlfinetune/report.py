@@ -7,7 +7,9 @@ Two callbacks write them from a Trainer, and plain functions do the same from a 
   ``learning_curves.png`` (numbers in ``learning_curves.json``) at the end of the fit.
 - :class:`EvaluationReport` (during ``validate`` / ``test``, never during ``fit``): keeps the
   predictions the evaluation loop makes anyway (no second pass), then writes ``metrics.json``,
-  ``confusion_matrix.png`` and ``mistakes.png`` and prints the per-class table.
+  ``confusion_matrix.png`` and ``mistakes.png`` and prints the per-class table. An earlier
+  report in the same folder is kept: the new one is numbered (``metrics.1.json``,
+  ``confusion_matrix.1.png``, ``mistakes.1.png``), all its files with the same number.
 - :func:`evaluate` -> :class:`EvalResult` -> :func:`write_report` / :func:`compute_metrics`,
   :func:`plot_confusion_matrix`, :func:`plot_mistakes`, :func:`plot_learning_curves`.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,34 @@ log = logging.getLogger(__name__)
 
 CURVE_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")
 DPI = 100
+REPORT_FILES = ("metrics.json", "confusion_matrix.png", "mistakes.png")
+
+
+# --- file names that replace nothing ------------------------------------------------------------
+
+
+def numbered(name: str, number: int) -> str:
+    """``name`` for 0, else ``stem.N.suffix``: ``metrics.json`` -> ``metrics.1.json``.
+
+    The names :func:`tlfinetune.runs.next_free_name` gives one file (``lr_find.1.png``).
+    """
+    if number == 0:
+        return name
+    stem, suffix = os.path.splitext(name)
+    return f"{stem}.{number}{suffix}"
+
+
+def free_number(folders: Iterable[str | Path], names: Sequence[str]) -> int:
+    """The smallest number under which none of ``names`` exists in any of ``folders``.
+
+    Files written together (a report, a comparison) take one number, so ``metrics.2.json``
+    goes with ``confusion_matrix.2.png`` even when only some of an earlier set are left.
+    """
+    folders = [Path(f) for f in folders]
+    number = 0
+    while any((f / numbered(n, number)).exists() for f in folders for n in names):
+        number += 1
+    return number
 
 
 # --- evaluation results ------------------------------------------------------------------------
@@ -333,24 +364,38 @@ def format_report(metrics: dict[str, Any]) -> str:
 
 
 def write_report(
-    result: EvalResult, out_dir: str | Path, extra: dict[str, Any] | None = None
+    result: EvalResult,
+    out_dir: str | Path,
+    extra: dict[str, Any] | None = None,
+    number: int | None = None,
 ) -> dict[str, Any]:
     """Write ``metrics.json``, ``confusion_matrix.png`` and ``mistakes.png`` into ``out_dir``.
+
+    Files already there are kept: the new ones are numbered (``metrics.1.json``,
+    ``confusion_matrix.1.png``, ``mistakes.1.png``; see :func:`free_number`), and the log says
+    where they went.
 
     Args:
         result: what :func:`evaluate` returned.
         out_dir: folder for the three files; created when missing.
         extra: more entries for ``metrics.json`` (e.g. the stage or checkpoint it came from).
+        number: the number for the file names (0: none), when the caller chose one for several
+            folders; by default the first under which none of the three exists in ``out_dir``.
 
     Returns:
         The metrics written to ``metrics.json`` (see :func:`compute_metrics`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if number is None:
+        number = free_number([out], REPORT_FILES)
+    json_name, confusion_name, mistakes_name = (numbered(n, number) for n in REPORT_FILES)
     metrics = {**(extra or {}), **compute_metrics(result)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_confusion_matrix(result).savefig(out / "confusion_matrix.png", dpi=DPI)
-    plot_mistakes(result).savefig(out / "mistakes.png", dpi=DPI)
+    (out / json_name).write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_confusion_matrix(result).savefig(out / confusion_name, dpi=DPI)
+    plot_mistakes(result).savefig(out / mistakes_name, dpi=DPI)
+    kept = "; the earlier report files there are kept" if number else ""
+    log.info(f"Report written to {out / json_name}, {confusion_name} and {mistakes_name}{kept}.")
     return metrics
 
 
@@ -544,7 +589,8 @@ class EvaluationReport(pl.Callback):
 
     Files go into ``dirpath``, by default ``<trainer.log_dir>/<stage>_report`` (``log_dir`` is
     ``default_root_dir`` without a logger); one sub-folder ``dataloader_<i>`` per dataloader
-    when there are several.
+    when there are several. A report already there is kept; the new files are numbered, all
+    of one run with the same number (:func:`write_report`).
 
     Args:
         dirpath: folder for the report files.
@@ -657,14 +703,16 @@ class EvaluationReport(pl.Callback):
             return
         names = resolve_class_names(pl_module)
         many = len(self._collectors) > 1
+        folders = {i: root / f"dataloader_{i}" if many else root for i in self._collectors}
+        number = free_number(folders.values(), REPORT_FILES)  # one run, one number
         self.metrics = {}
         for idx, collector in sorted(self._collectors.items()):
-            out = root / f"dataloader_{idx}" if many else root
+            out = folders[idx]
             extra = {"stage": stage, "dataloader_idx": idx, "tta": self._tta}
             result = collector.result(names)
             if self.heat_maps:
                 add_heat_maps(pl_module, result.mistakes)
-            self.metrics[idx] = write_report(result, out, extra)
+            self.metrics[idx] = write_report(result, out, extra, number=number)
             if self.verbose:
                 tta = f", test-time augmentation: {self._tta}" if self._tta != "none" else ""
                 print(f"\n{stage} report ({out}{tta}):\n{format_report(self.metrics[idx])}")
