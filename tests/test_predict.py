@@ -90,6 +90,39 @@ def test_the_checkpoint_and_the_images_are_never_overwritten(tmp_path):
     assert data.predict_files[4].read_bytes() == b"an image"
 
 
+def test_heat_maps_replace_no_image_and_an_earlier_run_only_when_asked(tmp_path, one_thread):
+    images = tmp_path / "images"
+    make_folder(images, classes=("x", "y"), per_class=2, size=32)
+    dm = ImageDataModule(predict_dir=images, image_size=32, batch_size=8, num_workers=0)
+    model = TransferClassifier(backbone="test_vgg16", weights="none", num_classes=2, image_size=32)
+    originals = {p: p.read_bytes() for p in images.rglob("*.png")}
+    out = str(tmp_path / "p.csv")
+
+    def predict_with(**kwargs):
+        trainer(callbacks=[PredictionWriter(**kwargs)]).predict(model, dm, return_predictions=False)
+
+    # The images' own folder: each heat map would replace its image. Never, whatever is asked.
+    with pytest.raises(OutputError, match="over the images being predicted") as err:
+        predict_with(output=out, explain=str(images), overwrite=True)
+    assert str(images) in str(err.value) and "even with --prediction.overwrite" in str(err.value)
+    assert {p: p.read_bytes() for p in images.rglob("*.png")} == originals
+
+    heat = tmp_path / "heat"
+    (heat / "x").mkdir(parents=True)
+    (heat / "x" / "001.png").write_bytes(b"an earlier heat map")
+    with pytest.raises(OutputError, match="already holds 1 of the heat maps") as err:
+        predict_with(output=out, explain=str(heat))
+    assert "--prediction.overwrite true" in str(err.value)
+    assert (heat / "x" / "001.png").read_bytes() == b"an earlier heat map"
+    assert not (tmp_path / "p.csv").exists()  # refused before predicting anything
+    predict_with(output=out, explain=str(heat), overwrite=True)
+    assert (heat / "x" / "001.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list(heat.rglob("*.png"))) == 4
+
+    with pytest.raises(OutputError, match="is a file"):
+        predict_with(output=str(tmp_path / "q.csv"), explain=out)
+
+
 @pytest.mark.parametrize("top_k", [0, -1, True, 2.5])
 def test_top_k_below_one_is_refused_at_construction(top_k):
     with pytest.raises(ConfigError, match=rf"--prediction.top_k {top_k!r}: .*1 or more"):

@@ -60,12 +60,15 @@ class PredictionWriter(BasePredictionWriter):
             ``DIR/cats/img1.png``, subfolders kept). Costs about two forward passes per batch.
         tta: test-time augmentation: ``none``, or ``flip`` (the mean probabilities of each image
             and its horizontal mirror; the CSV then ends with a ``tta`` column saying so).
-        overwrite: replace ``output`` when it exists (refused otherwise).
+        overwrite: replace ``output`` when it exists, and heat maps of an earlier run in
+            ``explain`` (refused otherwise).
 
     Raises:
         ConfigError: ``top_k`` is less than 1, or ``tta`` is not a known mode.
         OutputError: (when predicting starts) ``output`` exists without ``overwrite``, is the
-            checkpoint or an input image, is a folder, or its folder cannot be written.
+            checkpoint or an input image, is a folder, or its folder cannot be written; or
+            ``explain`` holds files the heat maps would replace (earlier heat maps without
+            ``overwrite``; the images themselves always), or cannot be written.
     """
 
     def __init__(
@@ -128,20 +131,38 @@ class PredictionWriter(BasePredictionWriter):
                 f"--prediction.output {path} is a folder; give the path of the CSV file to "
                 f"write, e.g. {path / DEFAULT_NAME}."
             )
-        folder = path.parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(
-                f"Cannot create the folder {folder} for the predictions ({err.strerror}); "
-                f"choose another --prediction.output."
-            ) from None
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise OutputError(
-                f"The folder {folder} is not writable, so the predictions cannot go to {path}; "
-                f"choose another --prediction.output (or --trainer.default_root_dir)."
-            )
+        writable_folder(path.parent, f"the predictions ({path})", "--prediction.output")
         return path
+
+    def _check_explain(self, trainer: pl.Trainer) -> None:
+        """Heat maps replace no file: an earlier run's only with ``overwrite``, an image never."""
+        if not self.explain:
+            return
+        root = Path(self.explain)
+        if root.exists() and not root.is_dir():
+            raise OutputError(
+                f"--prediction.explain {root} is a file; give the folder the heat maps go to."
+            )
+        files = getattr(trainer.datamodule, "predict_files", None) or []
+        taken = [root / name for name in overlay_names(files).values() if (root / name).exists()]
+        if taken:
+            # Stat every image only when some heat map would replace a file (a rerun, or the
+            # images' own folder given): an overlay is named like its image.
+            ids = {_file_id(t) for t in taken} - {None}
+            for f in files:
+                if _file_id(Path(f)) in ids:
+                    raise OutputError(
+                        f"--prediction.explain {root} would write heat maps over the images "
+                        f"being predicted ({f} first); refusing, even with "
+                        f"--prediction.overwrite. Choose a folder of its own for the heat maps."
+                    )
+            if not self.overwrite:
+                raise OutputError(
+                    f"--prediction.explain {root} already holds {len(taken)} of the heat maps "
+                    f"this run would write ({taken[0]} first); refusing to overwrite them. "
+                    f"Choose another folder or pass --prediction.overwrite true to replace them."
+                )
+        writable_folder(root, "the heat maps", "--prediction.explain")
 
     @staticmethod
     def _refuse_protected(trainer: pl.Trainer, path: Path) -> None:
@@ -288,6 +309,7 @@ class PredictionWriter(BasePredictionWriter):
         """Check the output (before any image is predicted); switch test-time augmentation on."""
         self._resolved = None  # each run checks and numbers its own file
         self._path(trainer)
+        self._check_explain(trainer)
         self._tta_before = switch_tta(pl_module, self.tta)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
@@ -300,6 +322,30 @@ class PredictionWriter(BasePredictionWriter):
         if self._part is not None:
             self._part.close()
             self._part = None
+
+
+def writable_folder(folder: Path, what: str, flag: str) -> None:
+    """Create ``folder`` if needed; OutputError naming it and ``flag`` when it cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(
+            f"Cannot create the folder {folder} for {what} ({err.strerror}); choose another {flag}."
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"The folder {folder} is not writable, so {what} cannot go there; choose another "
+            f"{flag}."
+        )
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode): the same file under any name or link; None when it cannot be read."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _rows(path: Path, presorted: bool) -> Iterator[tuple[int, list[str]]]:
