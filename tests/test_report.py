@@ -25,7 +25,6 @@ from tlfinetune.report import (
     LearningCurves,
     evaluate,
     format_report,
-    free_number,
     plot_learning_curves,
     write_report,
 )

@@ -228,19 +228,25 @@ def write_comparison(rows: list[dict[str, Any]], root: Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    table = comparison_markdown(rows)
+    md_path.write_text(table)
+    plot_comparison(rows).savefig(png_path, dpi=100)
+    print(table, end="")
+    kept = "; the earlier comparison files there are kept" if number else ""
+    print(f"\nComparison written to {csv_path}, {md_path.name} and {png_path.name}{kept}")
+    return csv_path
+
+
+def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (``comparison.md``), one line per run, integers with commas."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += [
         "| "
         + " | ".join(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in COLUMNS)
         + " |"
         for r in rows
-    ]  # noqa: E501
-    md_path.write_text("\n".join(lines) + "\n")
-    plot_comparison(rows).savefig(png_path, dpi=100)
-    print("\n".join(lines))
-    kept = "; the earlier comparison files there are kept" if number else ""
-    print(f"\nComparison written to {csv_path}, {md_path.name} and {png_path.name}{kept}")
-    return csv_path
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def plot_comparison(rows: list[dict[str, Any]]) -> Any:
