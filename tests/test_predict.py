@@ -60,7 +60,7 @@ def test_without_output_an_earlier_predictions_csv_is_kept_and_the_new_one_numbe
     assert len(rows_of(tmp_path / "predictions.1.csv")) == 7
     said = capsys.readouterr().out
     assert f"to {tmp_path / 'predictions.1.csv'}" in said
-    assert f"the earlier {tmp_path / 'predictions.csv'} is kept" in said
+    assert f"; the earlier predictions in {tmp_path} are kept" in said
     predict(writer, tmp_path)  # the same writer again: the next number, not its last file
     assert len(rows_of(tmp_path / "predictions.2.csv")) == 7
     assert len(rows_of(tmp_path / "predictions.1.csv")) == 7

@@ -282,9 +282,8 @@ class PredictionWriter(BasePredictionWriter):
             parts = [self._part_of(path, r) for r in range(trainer.world_size)]
             count = merge_parts(parts, path, self._header(), presorted=all_sorted)
             tta = f" (test-time augmentation: {self.tta})" if self.tta != "none" else ""
-            kept = path.with_name(DEFAULT_NAME)
-            if not self.output and path != kept:
-                tta += f"; the earlier {kept} is kept"
+            if not self.output and path.name != DEFAULT_NAME:
+                tta += f"; the earlier predictions in {path.parent} are kept"
             print(f"Wrote {count} predictions to {path}{tta}")
         trainer.strategy.barrier()  # the parts are gone before any process returns
 
