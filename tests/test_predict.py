@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_cli import FAST, make_folder
 from test_streaming import Files, TableModel
-from tiny import trainer
+from tiny import saved_checkpoint, trainer
 
 from tlfinetune import ImageDataModule, TransferClassifier
 from tlfinetune import predict as predict_module
@@ -187,11 +187,8 @@ def test_file_names_with_newlines_and_commas_survive_the_merge(tmp_path):
 def test_predict_from_the_command_line_keeps_what_the_user_had(tmp_path, capsys, one_thread):
     data = make_folder(tmp_path / "data", classes=("a", "b"), per_class=2, size=32)
     dm = ImageDataModule(root=data, image_size=32, batch_size=8, num_workers=0, val_split=0.5)
-    model = TransferClassifier(backbone="test_vgg16", weights="none")
-    fit = trainer(max_steps=1, limit_val_batches=0)
-    fit.fit(model, dm)
     ckpt = tmp_path / "model.ckpt"
-    fit.save_checkpoint(ckpt)
+    saved_checkpoint(ckpt, dm)
     saved = ckpt.read_bytes()
     images = tmp_path / "new"
     make_folder(images, classes=("x",), per_class=2, size=32)

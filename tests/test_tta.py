@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from test_cli import FAST, make_folder
-from tiny import tiny_tensors, trainer
+from tiny import saved_checkpoint, tiny_tensors, trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from tlfinetune import ImageDataModule, TransferClassifier
@@ -77,11 +77,8 @@ def test_flip_averages_the_softmax_of_the_two_passes(tmp_path, one_thread):
 def test_predict_and_test_with_tta_from_the_command_line(tmp_path, capsys, one_thread):
     data = make_folder(tmp_path / "data", per_class=3, size=32)
     dm = ImageDataModule(root=data, image_size=32, batch_size=8, num_workers=0, val_split=0.34)
-    model = TransferClassifier(backbone="test_vgg16", weights="none")
-    fit = trainer(max_steps=2, limit_val_batches=0)
-    fit.fit(model, dm)
     ckpt = tmp_path / "model.ckpt"
-    fit.save_checkpoint(ckpt)
+    model = saved_checkpoint(ckpt, dm, max_steps=2)
 
     out = tmp_path / "pred"
     done = subprocess.run(

@@ -49,6 +49,20 @@ def trainer(max_epochs=1, callbacks=(), **kwargs):
     )
 
 
+def saved_checkpoint(path: Path, datamodule, max_steps: int = 1):
+    """A test_vgg16 TransferClassifier trained ``max_steps`` on ``datamodule``, saved to ``path``.
+
+    Returns the trained model (the checkpoint is what a user's fit would have left).
+    """
+    from tlfinetune import TransferClassifier
+
+    model = TransferClassifier(backbone="test_vgg16", weights="none")
+    fit = trainer(max_steps=max_steps, limit_val_batches=0)
+    fit.fit(model, datamodule)
+    fit.save_checkpoint(path)
+    return model
+
+
 def run_worker(name: str, out: Path) -> None:
     """Run ``tests/<name> OUT`` in a fresh Python (DDP workers start their own processes).
 
