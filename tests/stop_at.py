@@ -15,3 +15,21 @@ class KillAt(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TermAt(pl.Callback):
+    """SIGTERM this process before training step ``step``, or before predicting batch ``step``.
+
+    What a cluster's scheduler or ``kill`` sends: Lightning stops gracefully.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -19,23 +19,27 @@ import re
 import shutil
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import (
     ArgsType,
     LightningArgumentParser,
     LightningCLI,
     SaveConfigCallback,
 )
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tlfinetune.data import ImageDataModule
 from tlfinetune.errors import ConfigError, TLFinetuneError
 from tlfinetune.freeze import FreezeSchedule
 from tlfinetune.machine import device_type_of, fastest_precision, keep_freed_memory
-from tlfinetune.module import TransferClassifier
+from tlfinetune.module import TransferClassifier, _metrics
 from tlfinetune.predict import PredictionWriter
 from tlfinetune.report import EvaluationReport, LearningCurves
 from tlfinetune.runs import (
@@ -164,10 +168,13 @@ class TLFinetuneCLI(LightningCLI):
         path = Path(config.ckpt_path)
         if not path.is_file():
             raise ConfigError(f"--ckpt_path {path}: no such checkpoint file.")
+        checkpoint = read_checkpoint(path)
         if sub == "fit":
+            check_epochs_left(path, checkpoint, config.trainer.get("max_epochs"))
             self._resume_version = version_of(path, root)
             log.info(f"Resuming from {path}.")
-        hparams = read_hparams(path)
+        hparams = hparams_of(checkpoint)
+        del checkpoint  # the weights are read again, by Lightning, when it restores them
         model, defaults = config.model, self._parser(sub).get_defaults().model
         apply = {}
         for key, value in hparams.items():
@@ -204,6 +211,7 @@ class TLFinetuneCLI(LightningCLI):
         kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         if trainer_config.get("precision") is None:
             kwargs["precision"] = self._fastest_precision(trainer_config.get("accelerator"))
+        check_accelerator(trainer_config.get("accelerator"))
         if self.subcommand == "fit":
             kwargs["logger"] = self._run_loggers(root, trainer_config.logger)
             self._extra_callbacks = [LearningCurves()]  # learning_curves.png in the run folder
@@ -213,7 +221,14 @@ class TLFinetuneCLI(LightningCLI):
             kwargs["logger"] = False
             kwargs["enable_checkpointing"] = False
             self.save_config_callback = None  # validate/test/predict write no config.yaml
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as exc:
+            # The Trainer's constructor only checks its settings: what it rejects is a flag.
+            raise ConfigError(
+                f"Lightning's Trainer rejects the --trainer settings: {one_line(exc)} "
+                f"Correct the --trainer flag (or the trainer: section of the config) it names."
+            ) from None
 
     def _run_loggers(self, root: str, logger: Any) -> Any:
         """The run folder's logger first, then the user's trackers (TensorBoard, MLflow, W&B).
@@ -226,6 +241,12 @@ class TLFinetuneCLI(LightningCLI):
         if logger is False:
             return False
         run_logger = RunLogger(root, name="", version=self._resume_version)
+        folder = Path(root) / f"version_{run_logger.version}"
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(
+                f"{folder} is a file, but this run keeps its checkpoints and logs in a folder of "
+                f"that name. Move or rename the file, or choose another --trainer.default_root_dir."
+            )
         if logger in (None, True):
             return run_logger
         return [run_logger, *(logger if isinstance(logger, (list, tuple)) else [logger])]
@@ -250,7 +271,20 @@ class TLFinetuneCLI(LightningCLI):
         callbacks = without_idle_early_stopping(callbacks, self.subcommand)
         if self.subcommand in ("fit", "validate", "test"):
             callbacks = [*callbacks, *self._extra_callbacks]
+        if self.subcommand == "predict":
+            callbacks = [*callbacks, StopPredictingOnSigterm()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        """Check the settings Lightning would only reject mid-run, before anything trains."""
+        check_optimizer(self.model)
+        check_monitors(self.trainer.callbacks, self.model.hparams.get("num_classes"))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            raise StoppedBySigterm(subcommand, self.trainer) from None
 
     def after_fit(self) -> None:
         """The final summary: best validation accuracy and where the checkpoints are."""
@@ -288,6 +322,106 @@ def without_idle_early_stopping(callbacks: list[Any], subcommand: str | None) ->
         for c in callbacks
         if not isinstance(c, ScheduleEarlyStopping) or (c.enabled and subcommand == "fit")
     ]
+
+
+class StopPredictingOnSigterm(pl.Callback):
+    """Stop predict on SIGTERM as Lightning's fit, validate and test loops do.
+
+    Lightning's predict loop notes the signal but runs on to the end. Raising its
+    ``SIGTERMException`` goes through the callbacks' ``on_exception``, where the
+    PredictionWriter drops its partial file, so an earlier CSV stays as it was.
+    """
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:  # noqa: D102
+        if trainer.received_sigterm:
+            raise SIGTERMException
+
+
+class StoppedBySigterm(Exception):  # noqa: N818 - a stop, not a fault
+    """The command stopped on SIGTERM; the message says what was kept and how to go on."""
+
+    EXIT_CODE = 128 + 15  # the shell's code for a process ended by SIGTERM
+
+    def __init__(self, subcommand: str, trainer: Any) -> None:
+        if subcommand == "fit":
+            ckpt = getattr(trainer, "checkpoint_callback", None)
+            last = getattr(ckpt, "last_model_path", "") or ""
+            done = trainer.current_epoch
+            text = f"fit stopped on SIGTERM after {done} complete epoch{'s' * (done != 1)}. "
+            if last:
+                text += (
+                    f"The last checkpoint is {last}: resume with the same command plus "
+                    f"--ckpt_path last."
+                )
+            else:
+                text += "No checkpoint was saved yet: run the command again to start over."
+        else:
+            text = (
+                f"{subcommand} stopped on SIGTERM before it finished; it wrote no results "
+                f"(earlier ones are unchanged). Run the command again."
+            )
+        super().__init__(text)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message as one sentence-ended line (Lightning's span several)."""
+    text = " ".join(str(exc).split())
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """``--trainer.accelerator gpu``/``cuda`` on a machine without one: say so by name."""
+    if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda"):
+        mps = getattr(torch.backends, "mps", None)
+        mps_ok = accelerator.lower() == "gpu" and mps is not None and mps.is_available()
+        if not torch.cuda.is_available() and not mps_ok:
+            raise ConfigError(
+                f"--trainer.accelerator {accelerator}: this machine has no GPU that PyTorch can "
+                f"use (torch.cuda.is_available() is False). Use --trainer.accelerator cpu, or "
+                f"auto to take a GPU when there is one."
+            )
+
+
+def check_optimizer(model: Any) -> None:
+    """Build the optimizer once over a stand-in parameter: a bad rate fails before training."""
+    factory = getattr(model, "optimizer", None)
+    if not callable(factory):
+        return
+    try:
+        factory([torch.nn.Parameter(torch.zeros(1))])
+    except ValueError as exc:
+        raise ConfigError(
+            f"--model.optimizer: the optimizer rejects its settings ({one_line(exc)[:-1]}). "
+            f"Correct --model.optimizer.init_args (e.g. --model.optimizer.lr 0.001: a positive "
+            f"learning rate)."
+        ) from None
+
+
+def check_monitors(callbacks: list[Any], num_classes: int | None) -> None:
+    """A checkpoint or early-stopping monitor under train/ or val/ must be a logged metric.
+
+    Lightning finds out only when it first saves or stops, after a whole epoch; the module's
+    own metrics are known now. Monitors outside those prefixes (logged by other callbacks)
+    are left to Lightning.
+    """
+    known = {"epoch", "step"}
+    for stage in ("train", "val"):
+        known |= {f"{stage}/loss", *_metrics(max(num_classes or 6, 2), f"{stage}/").keys()}
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            flag = "--checkpoint.monitor"
+        elif isinstance(cb, EarlyStopping):
+            flag = "--early_stopping.monitor"
+        else:
+            continue
+        monitor = cb.monitor
+        if monitor and monitor.startswith(("train/", "val/")) and monitor not in known:
+            close = difflib.get_close_matches(monitor, sorted(known), n=1)
+            hint = f"Did you mean {close[0]}? " if close else ""
+            raise ConfigError(
+                f"{flag} {monitor}: the model logs no such metric, so it could not be "
+                f"monitored. {hint}Logged: {', '.join(sorted(known - {'epoch', 'step'}))}."
+            )
 
 
 def explain_unknown(message: str, parser: LightningArgumentParser) -> str:
@@ -335,17 +469,60 @@ def check_writable(root: Path, need_mb: int = 200) -> None:
         )
 
 
-def read_hparams(path: Path) -> dict[str, Any]:
-    """The model hyperparameters stored in a checkpoint (safe unpickler only)."""
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint's contents (safe unpickler only), or a ConfigError saying why not."""
+    what = "pass a .ckpt written by fit (version_N/checkpoints/ under --trainer.default_root_dir)"
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise ConfigError(
+            f"--ckpt_path {path} is not a Lightning checkpoint (it is not a file written by "
+            f"torch.save); {what}."
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means the file cannot be used
+        refused = "Weights only load failed" in str(exc)
+        why = (
+            "it holds pickled code, which is refused unread"
+            if refused
+            else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        )
         raise ConfigError(
-            f"--ckpt_path {path} cannot be read as a checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). Files holding pickled code are refused unread."
+            f"--ckpt_path {path} cannot be read as a checkpoint ({why}); {what}."
         ) from None
-    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if not isinstance(ckpt, dict) or not {"state_dict", "pytorch-lightning_version"} <= set(ckpt):
+        keys = (
+            ", ".join(map(str, list(ckpt)[:5])) if isinstance(ckpt, dict) else type(ckpt).__name__
+        )
+        raise ConfigError(
+            f"--ckpt_path {path} is not a Lightning checkpoint (it has no state_dict and "
+            f"pytorch-lightning_version entries; it holds: {keys or 'nothing'}); {what}."
+        )
+    return ckpt
+
+
+def hparams_of(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The model hyperparameters stored in a checkpoint."""
+    hparams = ckpt.get("hyper_parameters") or {}
     return {k: v for k, v in hparams.items() if not k.startswith("_")}
+
+
+def check_epochs_left(path: Path, ckpt: dict[str, Any], max_epochs: int | None) -> None:
+    """A resume with ``--trainer.max_epochs`` below the epochs the run has trained: say so.
+
+    Lightning would train nothing, or (further below) stop with a traceback once it has
+    restored the run.
+    """
+    try:
+        done = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+    except (KeyError, TypeError):
+        epoch = ckpt.get("epoch")
+        done = epoch + 1 if isinstance(epoch, int) else None
+    if isinstance(done, int) and max_epochs not in (None, -1) and done > max_epochs:
+        raise ConfigError(
+            f"--ckpt_path {path}: that run has already trained {done} epochs, more than "
+            f"--trainer.max_epochs {max_epochs}. max_epochs counts from the run's start, not from "
+            f"the resume: raise --trainer.max_epochs above {done} to train further."
+        )
 
 
 EXTRA_COMMANDS = ("export", "compare", "lr_find", "backbones")
@@ -391,6 +568,14 @@ def main(args: ArgsType = None) -> None:
             TLFinetuneCLI(args=None if args is None else argv)  # None: Lightning reads sys.argv
     except TLFinetuneError as exc:
         sys.stderr.write(f"error: {plain_message(exc)}\n")
+        raise SystemExit(2) from None
+    except StoppedBySigterm as exc:
+        sys.stderr.write(f"{exc}\n")
+        raise SystemExit(StoppedBySigterm.EXIT_CODE) from None
+    except MisconfigurationException as exc:
+        # Lightning's word for a setting it cannot use; the targeted checks above name the flag
+        # where they can, this is the last resort for the rest.
+        sys.stderr.write(f"error: Lightning rejects a setting: {one_line(exc)}\n")
         raise SystemExit(2) from None
     finally:
         close_process_group()

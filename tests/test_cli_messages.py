@@ -1,0 +1,208 @@
+"""Bad settings and interruptions: a one-paragraph message, the right exit code, nothing lost.
+
+Most cases run the entry point in this process (an interpreter start costs ~4.5 s); the SIGTERM
+case runs ``python -m tlfinetune`` as a user does, since its exit code is the process's.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tlfinetune.cli import main
+
+TESTS = Path(__file__).parent
+QUIET = [
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.num_workers=0",
+]
+
+
+def folder(root: Path, classes=("a", "b"), per_class=5) -> Path:
+    rng = np.random.default_rng(0)
+    for name in classes:
+        for i in range(per_class):
+            path = root / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+def base(data: Path, runs: Path, *extra: str, command: str = "fit") -> list[str]:
+    return [
+        command,
+        f"--data.root={data}",
+        "--data.image_size=32",
+        "--data.batch_size=4",
+        "--data.val_split=0.2",
+        "--model.backbone=test_vgg16",
+        "--model.weights=none",
+        f"--trainer.default_root_dir={runs}",
+        "--trainer.max_epochs=1",
+        *QUIET,
+        *extra,
+    ]
+
+
+def fails(capsys, args: list[str]) -> tuple[int, str]:
+    """Run the entry point in this process; return (exit code, stderr)."""
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return stop.value.code, err
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return folder(tmp_path_factory.mktemp("data") / "imgs")
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--trainer.accelerator=gpu"], ["--trainer.accelerator gpu", "no GPU", "cpu"]),
+        (["--trainer.accelerator=bogus"], ["accelerator='bogus'", "--trainer"]),
+        (["--model.optimizer.lr=-1"], ["--model.optimizer", "-1", "positive learning rate"]),
+        (["--checkpoint.monitor=val/bogus"], ["--checkpoint.monitor val/bogus", "val/acc"]),
+        (["--checkpoint.monitor=val/acuracy"], ["Did you mean val/acc?"]),
+    ],
+)
+def test_settings_lightning_would_reject_are_named_before_anything_runs(
+    data, tmp_path, monkeypatch, capsys, extra, words
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    runs = tmp_path / "runs"
+    code, err = fails(capsys, base(data, runs, *extra))
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1  # one paragraph
+    for word in words:
+        assert word in err
+    assert list(runs.iterdir()) == []  # no run folder, no config.yaml
+
+
+def test_a_file_where_the_run_folder_goes_is_named_and_kept(data, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "version_0").write_text("my notes")
+    code, err = fails(capsys, base(data, runs))
+    assert code == 2 and f"{runs / 'version_0'} is a file" in err
+    assert (runs / "version_0").read_text() == "my notes"
+
+
+def test_a_misconfiguration_lightning_finds_late_is_a_plain_error(tmp_path, capsys):
+    # The last resort for what no check above names: Lightning's message, exit 2, no traceback.
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    import tlfinetune.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise MisconfigurationException("Something\nLightning cannot do")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "TLFinetuneCLI", refuse)
+        code, err = fails(capsys, ["fit"])
+    assert code == 2
+    assert err == "error: Lightning rejects a setting: Something Lightning cannot do.\n"
+
+
+@pytest.mark.parametrize("command", ["fit", "test"])
+def test_a_file_that_is_no_lightning_checkpoint_is_refused_before_anything_is_written(
+    data, tmp_path, capsys, command
+):
+    torch.save({"a": 1}, tmp_path / "dict.ckpt")
+    (tmp_path / "text.ckpt").write_text("not a checkpoint\n")
+    runs = tmp_path / "runs"
+    for name, why in [
+        ("dict.ckpt", "it has no state_dict"),
+        ("text.ckpt", "it is not a file written by torch.save"),
+    ]:
+        # The default weights (ImageNet) too: the checkpoint's would replace them, so the
+        # message is about the checkpoint, not about downloading weights.
+        args = [a for a in base(data, runs, command=command) if "weights" not in a]
+        code, err = fails(capsys, [*args, f"--ckpt_path={tmp_path / name}"])
+        assert code == 2
+        assert f"{tmp_path / name} is not a Lightning checkpoint ({why}" in err
+        assert "pass a .ckpt written by fit" in err
+        assert not runs.exists() or list(runs.iterdir()) == []
+
+
+def fit_command(tmp_path: Path, data: Path, runs: Path, *extra: str):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "tlfinetune", *base(data, runs, *extra)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_stops_fit_with_143_and_says_how_to_resume(data, tmp_path, capsys):
+    # 8 training images in batches of 4: 2 steps an epoch; the signal comes before step 4, the
+    # first of epoch 3, after last.ckpt of epoch 2. (At an epoch's last step Lightning ends the
+    # epoch first.)
+    runs = tmp_path / "runs"
+    stopped = fit_command(
+        tmp_path,
+        data,
+        runs,
+        "--trainer.max_epochs=4",
+        "--trainer.callbacks+=stop_at.TermAt",
+        "--trainer.callbacks.step=4",
+    )
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    last = runs / "version_0" / "checkpoints" / "last.ckpt"
+    assert (
+        f"fit stopped on SIGTERM after 2 complete epochs. The last checkpoint is {last}: "
+        "resume with the same command plus --ckpt_path last." in stopped.stderr
+    )
+    assert "Best val/acc" not in stopped.stdout  # no summary of a run that did not end
+    # A resume that asks for fewer epochs than the run has trained: said before it restores.
+    saved = last.read_bytes()
+    code, err = fails(capsys, [*base(data, runs), "--ckpt_path=last"])
+    assert code == 2
+    assert "has already trained 2 epochs, more than --trainer.max_epochs 1" in err
+    assert "raise --trainer.max_epochs above 2" in err
+    assert last.read_bytes() == saved
+
+
+def test_sigterm_stops_predict_and_keeps_the_earlier_predictions(
+    data, tmp_path, capsys, monkeypatch
+):
+    runs = tmp_path / "runs"
+    main(base(data, runs))
+    ckpt = runs / "version_0" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "predictions.csv"
+    out.write_text("earlier,predictions\n")
+    monkeypatch.syspath_prepend(str(TESTS))
+    args = base(data, runs, command="predict")
+    args = [a for a in args if not a.startswith(("--trainer.max_epochs", "--data.val_split"))]
+    code, err = fails(
+        capsys,
+        [
+            *args,
+            f"--ckpt_path={ckpt}",
+            f"--prediction.output={out}",
+            "--trainer.callbacks+=stop_at.TermAt",
+            "--trainer.callbacks.step=0",
+        ],
+    )
+    assert code == 128 + signal.SIGTERM
+    assert "predict stopped on SIGTERM" in err
+    assert out.read_text() == "earlier,predictions\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".predictions")] == []
