@@ -5,6 +5,7 @@ case runs ``python -m tlfinetune`` as a user does, since its exit code is the pr
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,22 +182,27 @@ def test_sigterm_stops_fit_with_143_and_says_how_to_resume(data, tmp_path, capsy
     assert last.read_bytes() == saved
 
 
-def test_sigterm_stops_predict_and_keeps_the_earlier_predictions(
-    data, tmp_path, capsys, monkeypatch
-):
-    runs = tmp_path / "runs"
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> Path:
+    """A 2-class run of one epoch: its last.ckpt."""
+    runs = tmp_path_factory.mktemp("trained")
     main(base(data, runs))
-    ckpt = runs / "version_0" / "checkpoints" / "last.ckpt"
+    return runs / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def test_sigterm_stops_predict_and_keeps_the_earlier_predictions(
+    data, trained, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "predictions.csv"
     out.write_text("earlier,predictions\n")
     monkeypatch.syspath_prepend(str(TESTS))
-    args = base(data, runs, command="predict")
+    args = base(data, tmp_path / "runs", command="predict")
     args = [a for a in args if not a.startswith(("--trainer.max_epochs", "--data.val_split"))]
     code, err = fails(
         capsys,
         [
             *args,
-            f"--ckpt_path={ckpt}",
+            f"--ckpt_path={trained}",
             f"--prediction.output={out}",
             "--trainer.callbacks+=stop_at.TermAt",
             "--trainer.callbacks.step=0",
@@ -206,3 +212,53 @@ def test_sigterm_stops_predict_and_keeps_the_earlier_predictions(
     assert "predict stopped on SIGTERM" in err
     assert out.read_text() == "earlier,predictions\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".predictions")] == []
+
+
+def test_a_checkpoint_on_data_with_other_classes_names_both(trained, tmp_path, capsys):
+    other = folder(tmp_path / "three", classes=("a", "b", "c"), per_class=3)
+    code, err = fails(
+        capsys, [*base(other, tmp_path / "runs", command="test"), f"--ckpt_path={trained}"]
+    )
+    assert code == 2
+    assert (
+        f"The checkpoint {trained} has classes ['a', 'b'] (2), the data has classes "
+        "['a', 'b', 'c'] (3)." in err
+    )
+    assert "point --data.root at images of its classes" in err
+    assert "--data.num_classes" not in err  # no such flag
+
+
+def test_weights_restored_from_a_checkpoint_are_said_to_be(data, trained, tmp_path, data_log):
+    main([*base(data, tmp_path / "runs", command="test"), f"--ckpt_path={trained}"])
+    said = data_log.text
+    assert f"weights from checkpoint {trained}" in said and "random initialisation" not in said
+    data_log.clear()
+    runs = tmp_path / "resumed"
+    shutil.copytree(trained.parents[1], runs / "version_0")
+    last = runs / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["tlfinetune"]["weights_origin"] = "imagenet (as if)"  # what a real run's says
+    torch.save(ckpt, last)
+    main([*base(data, runs, "--trainer.max_epochs=2"), "--ckpt_path=last"])
+    said = data_log.text
+    assert f"weights from checkpoint {last}" in said and "No pretrained weights" not in said
+    # The resumed checkpoint still says where the backbone's weights first came from.
+    # (last-v1.ckpt: the copied checkpoint's callback state names the folder it came from.)
+    newest = max(last.parent.glob("last*.ckpt"), key=lambda f: f.stat().st_mtime)
+    resumed = torch.load(newest, weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["tlfinetune"]["weights_origin"] == "imagenet (as if)"
+
+
+def test_a_bad_milestone_is_named_as_one(data, tmp_path, capsys):
+    code, err = fails(capsys, base(data, tmp_path / "runs", "--freeze.milestones={3: nope}"))
+    assert code == 2
+    assert "--freeze.milestones, milestone 3: 'nope' names no layer of test_vgg16" in err
+    assert "unfreeze_from" not in err
+
+
+def test_weights_errors_give_the_python_form_too():
+    from tlfinetune import TransferClassifier
+    from tlfinetune.errors import WeightsError
+
+    with pytest.raises(WeightsError, match='--model.weights none \\(weights="none" in Python\\)'):
+        TransferClassifier(backbone="test_vgg16", weights="imagenet", num_classes=2)

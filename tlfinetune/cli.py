@@ -281,6 +281,9 @@ class TLFinetuneCLI(LightningCLI):
         check_monitors(self.trainer.callbacks, self.model.hparams.get("num_classes"))
 
     def _run_subcommand(self, subcommand: str) -> None:
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path:  # the log then names the checkpoint as the weights' source
+            self.model.restored_from = str(ckpt_path)
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException:

@@ -134,7 +134,11 @@ class FreezeSchedule(pl.Callback):
         """The schedule as ``[(epoch, trainable_from), ...]`` in torchvision module indices."""
         steps = [(0, regime_start(self.regime, backbone, self.unfreeze_from, num_modules))]
         for epoch, spec in self.milestones.items():
-            index = resolve_unfreeze_from(backbone, spec)
+            try:
+                index = resolve_unfreeze_from(backbone, spec)
+            except ConfigError as err:  # it says unfreeze_from; the value came from a milestone
+                said = str(err).replace(f"unfreeze_from={spec!r}", repr(spec))
+                raise ConfigError(f"--freeze.milestones, milestone {epoch}: {said}") from None
             prev_epoch, prev = steps[-1]
             if index >= prev:
                 raise ConfigError(

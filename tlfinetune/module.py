@@ -138,6 +138,9 @@ class TransferClassifier(pl.LightningModule):
         self.backbone = bb.build_backbone(backbone)
         self._weights = bb.load_weights(self.backbone, backbone, weights)
         self.weights_info = self._weights.origin
+        # Set by whoever will restore a checkpoint into this model (the CLI's --ckpt_path), so
+        # the log names the checkpoint as the weights' source: Lightning restores after setup.
+        self.restored_from: str | None = None
         self.head: nn.Module | None = None
         if num_classes is not None and image_size is not None:
             self._build_head(num_classes, image_size)
@@ -211,13 +214,7 @@ class TransferClassifier(pl.LightningModule):
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of")
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None:
-            for key in ("num_classes", "image_size"):
-                ours, theirs = self.hparams.get(key), getattr(dm, key, None)
-                if ours is not None and theirs is not None and ours != theirs:
-                    raise ConfigError(
-                        f"The model was built for {key}={ours} but the data has {key}={theirs}. "
-                        f"Leave --model.{key} out to take it from the data, or change --data.{key}."
-                    )
+            self._check_fits_data(dm)
             if self.hparams.get("class_names") is None and getattr(dm, "class_names", None):
                 self._fill_hparams(class_names=list(dm.class_names))
         if self.head is None:
@@ -231,7 +228,7 @@ class TransferClassifier(pl.LightningModule):
                 self.head.to(memory_format=torch.channels_last)
         self._fill_auto_class_weights(dm, stage)
         head = self.head_spec if isinstance(self.head_spec, str) else type(self.head).__name__
-        ckpt = getattr(self.trainer, "ckpt_path", None)
+        ckpt = getattr(self.trainer, "ckpt_path", None) or self.restored_from
         weights = f"from checkpoint {ckpt}" if ckpt else self.weights_info
         log.info(
             f"TransferClassifier: backbone {self.hparams.backbone}, weights {weights}, "
@@ -245,6 +242,34 @@ class TransferClassifier(pl.LightningModule):
             log.warning(
                 "No pretrained weights: the backbone starts from random initialisation, so this "
                 "run shows the mechanics of transfer learning, not its benefit."
+            )
+
+    def _check_fits_data(self, dm: Any) -> None:
+        """The model's classes and image size must be the data's: say which differ, and how."""
+        ours, theirs = self.hparams.get("num_classes"), getattr(dm, "num_classes", None)
+        if ours is not None and theirs is not None and ours != theirs:
+            mine = self.hparams.get("class_names")
+            names = getattr(dm, "class_names", None)
+            have = f"classes {list(mine)} ({ours})" if mine else f"{ours} classes"
+            given = f"classes {list(names)} ({theirs})" if names else f"{theirs} classes"
+            if self.restored_from:
+                raise ConfigError(
+                    f"The checkpoint {self.restored_from} has {have}, the data has {given}. A "
+                    f"checkpoint only knows the classes it was trained on: point --data.root at "
+                    f"images of its classes, or start a new fit (without --ckpt_path) to train "
+                    f"on these."
+                )
+            raise ConfigError(
+                f"The model was built for {have}, the data has {given}. Leave num_classes "
+                f"(--model.num_classes) out to take it from the data, or give data with "
+                f"{ours} classes."
+            )
+        ours, theirs = self.hparams.get("image_size"), getattr(dm, "image_size", None)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ConfigError(
+                f"The model was built for image_size={ours}, the data has image_size={theirs}. "
+                f"Leave --model.image_size out to take it from the data, or set "
+                f"--data.image_size {ours}."
             )
 
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -490,6 +515,11 @@ class TransferClassifier(pl.LightningModule):
         ``validate`` use the loss the run trained with. A list, or none, given now (a resume
         with other ``--model.class_weights``) is used from now on, and the log says so.
         """
+        # Where the run's backbone weights first came from (ImageNet, a file), not "none": the
+        # checkpoint's hyperparameters say none only so that loading it fetches nothing.
+        origin = (checkpoint.get("tlfinetune") or {}).get("weights_origin")
+        if origin:
+            self.weights_info = origin
         state = checkpoint.get("state_dict")
         if state is None:
             return
