@@ -5,6 +5,7 @@ case runs ``python -m tlfinetune`` as a user does, since its exit code is the pr
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -262,3 +263,70 @@ def test_weights_errors_give_the_python_form_too():
 
     with pytest.raises(WeightsError, match='--model.weights none \\(weights="none" in Python\\)'):
         TransferClassifier(backbone="test_vgg16", weights="imagenet", num_classes=2)
+
+
+def test_the_top_level_help_lists_every_command_under_the_name_the_user_typed(tmp_path):
+    shown = subprocess.run(
+        [sys.executable, "-m", "tlfinetune", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    out = shown.stdout
+    assert out.startswith("usage: python -m tlfinetune ")
+    assert "Adapt a pretrained torchvision image classifier" in out
+    assert "__main__" not in out and "Lightning Trainer command line tool" not in out
+    commands = ["fit", "validate", "test", "predict", "export", "compare", "lr_find", "backbones"]
+    for command in commands:  # each on its own line, with what it does
+        assert re.search(rf"^  {command} +\w+", out, re.MULTILINE), command
+
+
+@pytest.mark.parametrize(
+    "args, files, words",
+    [
+        (["fitt"], {}, ["'fitt' is not a command", "lr_find, backbones", "Did you mean fit?"]),
+        (["fit", "--model.head_hiden=1"], {}, ["did you mean --model.head_hidden"]),
+        (
+            ["fit", "--config=typo.yaml"],
+            {"typo.yaml": "model:\n  head_hiden: 3\n"},
+            ["unknown key model.head_hiden (in typo.yaml)", "Did you mean model.head_hidden"],
+        ),
+        (
+            ["fit", "--config=bad.yaml"],
+            {"bad.yaml": "model:\n  head_hidden: [3\n"},
+            ["in bad.yaml, line 2"],
+        ),
+        (["fit", "--config=missing.yaml"], {}, ["--config", "missing.yaml", "does not exist"]),
+        (["fit", "--model.head_hidden=abc"], {}, ["--model.head_hidden: expected int", "abc"]),
+        (["fit", "--trainer.precision=7"], {}, ["--trainer.precision 7", "bf16-mixed"]),
+        (["predict", "--prediction.tta=bogus"], {}, ["--prediction.tta", "'flip'", "bogus"]),
+        (["export", "--ckpt_path=x.ckpt", "--format=tflite"], {}, ["--format tflite", "onnx"]),
+    ],
+    ids=[
+        "command",
+        "flag_typo",
+        "yaml_typo",
+        "yaml_syntax",
+        "missing_config",
+        "type",
+        "precision",
+        "tta",
+        "export_format",
+    ],
+)
+def test_argument_errors_are_the_error_and_a_pointer_to_help(
+    tmp_path, monkeypatch, capsys, args, files, words
+):
+    monkeypatch.chdir(tmp_path)
+    for name, text in files.items():
+        Path(name).write_text(text)
+    code, err = fails(capsys, args)
+    assert code == 2
+    assert "usage:" not in err and "<unicode string>" not in err
+    lines = err.splitlines()
+    assert lines[0].startswith("error: ") and len(lines) <= 3, err
+    assert re.fullmatch(r"Run `tlfinetune( \w+)? --help` for the options\.", lines[-1]), err
+    for word in words:
+        assert word in err

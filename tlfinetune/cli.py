@@ -11,6 +11,7 @@ own options.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import gc
 import logging
@@ -81,6 +82,9 @@ class TLFinetuneCLI(LightningCLI):
     """LightningCLI with the freeze schedule, checkpoints and the tlfinetune run layout."""
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
+        self._argv = (
+            list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        )
         super().__init__(
             TransferClassifier,
             ImageDataModule,
@@ -95,15 +99,23 @@ class TLFinetuneCLI(LightningCLI):
         )
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        """Lightning's parser, with the valid keys named when a key is unknown."""
+        """Lightning's parser: named as the user runs it, errors short, unknown keys explained."""
+        kwargs.setdefault("prog", prog_name())
+        if not getattr(self, "_building", None):  # the top-level parser, not a subcommand's
+            kwargs.setdefault("description", DESCRIPTION)
+            kwargs.setdefault("formatter_class", TopLevelHelp)
         parser = super().init_parser(**kwargs)
-        plain_error = parser.error
-
-        def error(message: str, *args: Any, **kw: Any) -> Any:
-            return plain_error(explain_unknown(message, parser), *args, **kw)
-
-        parser.error = error  # type: ignore[method-assign]
+        short_errors(parser, getattr(self, "_argv", None))
         return parser
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's four subcommands, listed in the help with the other commands."""
+        super()._add_subcommands(parser, **kwargs)
+        action = parser._subcommands_action
+        action.metavar = "COMMAND"
+        for group in parser._action_groups:
+            if action in group._group_actions:
+                group.title, group.description = "commands", COMMANDS
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
         self._building = subcommand
@@ -443,12 +455,13 @@ def explain_unknown(message: str, parser: LightningArgumentParser) -> str:
         close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
         group = key.split(".")[0] + "."
         same = list(dict.fromkeys(k.split(".")[1] for k in valid if k.startswith(group)))
-        hint = f"--{key}: " + (
-            f"did you mean {', '.join('--' + c for c in close)}? " if close else ""
-        )
+        hint = f"did you mean {', '.join('--' + c for c in close)}? " if close else ""
         if same:
             hint += f"valid keys of --{group[:-1]}: {', '.join(same)}"
-        hints.append(hint)
+        if hint:
+            hints.append(f"--{key}: {hint}")
+    if not hints:
+        return message
     return message + "\n" + "\n".join(hints)
 
 
@@ -529,6 +542,118 @@ def check_epochs_left(path: Path, ckpt: dict[str, Any], max_epochs: int | None) 
 
 
 EXTRA_COMMANDS = ("export", "compare", "lr_find", "backbones")
+DESCRIPTION = """\
+Adapt a pretrained torchvision image classifier (VGG16 and others) to your images by
+transfer learning. Each command has its own --help: python -m tlfinetune fit --help."""
+# One line per command, Lightning's four first (argparse would list only those).
+COMMANDS = """\
+fit        train on your images (runs/version_N/ holds checkpoints, config, metrics)
+validate   score a checkpoint on the validation images
+test       score a checkpoint on the test images (metrics.json, confusion matrix)
+predict    classify images with a checkpoint into predictions.csv
+export     write a checkpoint as ONNX or a torch.export program for deployment
+compare    train the freeze regimes side by side and report which is best
+lr_find    sweep learning rates and suggest --model.optimizer.lr
+backbones  list the backbones and their pretrained weights"""
+COMMAND_NAMES = [line.split()[0] for line in COMMANDS.splitlines()]
+
+
+class TopLevelHelp(argparse.RawDescriptionHelpFormatter):
+    """Keep the command list's lines as written, and the subcommand choices out of the list."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if isinstance(action, argparse._SubParsersAction):
+            return ""  # the epilog lists every command, extra ones included
+        return super()._format_action(action)
+
+
+def short_errors(parser: Any, argv: list[str] | None = None) -> None:
+    """Make ``parser`` print its error as one paragraph and a pointer to ``--help``.
+
+    jsonargparse prints the whole usage first (over 100 lines for fit), which buries the error.
+    Unknown keys get the close ones, unknown commands every command, a config file's problems
+    its name.
+    """
+    plain_error = parser.error
+
+    def error(message: str, ex: Exception | None = None) -> Any:
+        message = explain_unknown(message, parser)
+        if not parser.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            return plain_error(message, ex)  # raises, for a caller that handles it
+        where = getattr(ex, "subcommand_parser", None) or parser
+        prog = where.prog.replace(" [options]", "")
+        message = tidy_parser_error(explain_command(message), where, config_files(argv or []))
+        sys.stderr.write(f"error: {message}\nRun `{prog} --help` for the options.\n")
+        raise SystemExit(2)
+
+    parser.error = error
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """The files given with ``-c``/``--config`` on a command line."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def tidy_parser_error(message: str, parser: Any, configs: list[str]) -> str:
+    """The parser's multi-line errors as one paragraph naming the flag, value and file."""
+    source = " or ".join(configs) if configs else "the config file"
+    # A key a config file does not know: name the file and the close keys, as for a flag.
+    unknown = re.search(r"does not accept option '([\w.]+)'", message)
+    if unknown:
+        key = unknown.group(1)
+        try:
+            valid = sorted(parser.get_defaults().keys())
+        except Exception:  # noqa: BLE001 - the explanation is a courtesy; never hide the error
+            valid = []
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        where = f" (in {source})" if configs else ""
+        return f"unknown key {key}{where}.{hint}"
+    if "nrecognized" in message:
+        return message  # explain_unknown's hint line follows the error line
+    message = message.replace('in "<unicode string>"', f"in {source}")
+    message = re.sub(r"Expected a <class '([\w.]+)'>", r"expected \1", message)
+    message = re.sub(r"Expected a typing\.Literal\[(.*?)\]\.?", r"expected one of \1.", message)
+    key = re.match(r'Parser key "([\w.]+)":\s*', message)
+    if key and "Does not validate against any of the Union subtypes" in message:
+        given = re.search(r"Given value: (.*)", message)
+        accepted = [
+            v.strip().strip("'")
+            for group in re.findall(r"Literal\[([^\]]*)\]", message)
+            for v in group.split(",")
+        ]
+        if given and accepted:
+            values = ", ".join(dict.fromkeys(accepted))
+            return f"--{key.group(1)} {given.group(1)}: not an accepted value; use one of {values}."
+    if key:
+        message = f"--{key.group(1)}: " + message[key.end() :]
+    return " ".join(message.split())
+
+
+def explain_command(message: str) -> str:
+    """An unknown command: every command, not only Lightning's four, and the closest."""
+    if re.search(r'"subcommand" to be one of .* not provided', message):
+        return f"no command given: use one of {', '.join(COMMAND_NAMES)}."
+    match = re.search(r"argument COMMAND: invalid choice: '([^']*)'", message)
+    if not match:
+        return message
+    close = difflib.get_close_matches(match.group(1), COMMAND_NAMES, n=1)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    return f"{match.group(1)!r} is not a command: use one of {', '.join(COMMAND_NAMES)}.{hint}"
+
+
+def prog_name() -> str:
+    """How the user started this: ``python -m tlfinetune`` or the ``tlfinetune`` script."""
+    argv0 = os.path.basename(sys.argv[0] if sys.argv else "")
+    return "python -m tlfinetune" if argv0 in ("__main__.py", "-m", "") else "tlfinetune"
+
+
 # Lightning warnings that do not apply to how this CLI uses it.
 NOISE = (
     ".*callbacks used to create the checkpoint need to be provided.*",

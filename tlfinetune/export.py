@@ -439,7 +439,12 @@ def export_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``tlfinetune export --ckpt_path CKPT [--output FILE] [--format onnx|pt2] [--overwrite]``."""
-    args = export_parser().parse_args(None if argv is None else list(argv))
+    from tlfinetune.cli import prog_name, short_errors
+
+    parser = export_parser()
+    parser.prog = f"{prog_name()} export"
+    short_errors(parser, None if argv is None else list(argv))  # the error, not 40 lines of usage
+    args = parser.parse_args(None if argv is None else list(argv))
     fmt = args.format or (args.output.suffix.lstrip(".") if args.output else "onnx")
     output = args.output or args.ckpt_path.with_suffix(f".{fmt}")
     result = export(

@@ -475,7 +475,7 @@ def write_result(result: LRFindResult, folder: Path) -> Path:
 
 
 def _cli_class() -> type:
-    from tlfinetune.cli import TLFinetuneCLI
+    from tlfinetune.cli import TLFinetuneCLI, prog_name
 
     class _Arguments(TLFinetuneCLI):
         """The ``fit`` command's parser (config files, every fit flag) plus ``--lr_find.*``."""
@@ -486,7 +486,7 @@ def _cli_class() -> type:
                 super().__init__(args=args, run=False)
 
         def init_parser(self, **kwargs: Any) -> LightningArgumentParser:  # noqa: D102
-            kwargs.update(prog="tlfinetune lr_find", description=__doc__.split("\n\n")[0])
+            kwargs.update(prog=f"{prog_name()} lr_find", description=__doc__.split("\n\n")[0])
             return super().init_parser(**kwargs)
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
