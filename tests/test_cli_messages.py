@@ -330,3 +330,15 @@ def test_argument_errors_are_the_error_and_a_pointer_to_help(
     assert re.fullmatch(r"Run `tlfinetune( \w+)? --help` for the options\.", lines[-1]), err
     for word in words:
         assert word in err
+
+
+def test_evaluating_without_a_checkpoint_warns_that_the_model_is_untrained(data, trained, data_log):
+    runs = trained.parents[2]  # the fit's root: the warning names its last checkpoint
+    args = [a for a in base(data, runs, command="test") if "max_epochs" not in a]
+    main(args)
+    warned = [r.getMessage() for r in data_log.records if r.levelname == "WARNING"]
+    assert any(
+        m.startswith("No --ckpt_path: test uses a model whose head was never trained")
+        and f"e.g. --ckpt_path {trained}" in m
+        for m in warned
+    ), warned

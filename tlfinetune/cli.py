@@ -162,7 +162,11 @@ class TLFinetuneCLI(LightningCLI):
         """
         self._resume_version: int | None = None
         sub = self.config.get("subcommand")
-        if not sub or not self.config[sub].get("ckpt_path"):
+        if not sub:
+            return
+        if not self.config[sub].get("ckpt_path"):
+            if sub in ("validate", "test", "predict"):
+                warn_untrained(sub, Path(self.config[sub].trainer.default_root_dir or "runs"))
             return
         config = self.config[sub]
         root = Path(config.trainer.default_root_dir or ".")
@@ -520,6 +524,23 @@ def hparams_of(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The model hyperparameters stored in a checkpoint."""
     hparams = ckpt.get("hyper_parameters") or {}
     return {k: v for k, v in hparams.items() if not k.startswith("_")}
+
+
+def warn_untrained(subcommand: str, root: Path) -> None:
+    """validate/test/predict without a checkpoint use an untrained head: say so, loudly.
+
+    A warning rather than a refusal: a pipeline's smoke test may want exactly that, and
+    ``--model.weights`` may bring a trained backbone. But results look real and are not.
+    """
+    found = find_last_checkpoint(root) if root.is_dir() else None
+    example = (
+        f"--ckpt_path {found}" if found else "--ckpt_path runs/version_N/checkpoints/best-...ckpt"
+    )
+    log.warning(
+        f"No --ckpt_path: {subcommand} uses a model whose head was never trained, so its "
+        f"{'predictions' if subcommand == 'predict' else 'scores'} are chance level and mean "
+        f"nothing. Pass the checkpoint a fit wrote, e.g. {example}."
+    )
 
 
 def check_epochs_left(path: Path, ckpt: dict[str, Any], max_epochs: int | None) -> None:
