@@ -342,3 +342,31 @@ def test_evaluating_without_a_checkpoint_warns_that_the_model_is_untrained(data,
         and f"e.g. --ckpt_path {trained}" in m
         for m in warned
     ), warned
+
+
+def test_a_failed_fit_removes_the_folders_it_made_and_nothing_else(data, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    (bad / "b" / "0.png").write_bytes((data / "b" / "0.png").read_bytes()[:100])  # truncated
+    fresh = tmp_path / "fresh"
+    code, _ = fails(capsys, base(bad, fresh))
+    assert code == 2 and not fresh.exists()  # made by the command, left empty: gone
+    kept = tmp_path / "kept"
+    (kept / "version_0").mkdir(parents=True)  # an earlier run's (empty) folder stays
+    code, _ = fails(capsys, base(bad, kept))
+    assert code == 2 and sorted(p.name for p in kept.iterdir()) == ["version_0"]
+
+
+def test_only_a_run_folder_without_results_is_removed(tmp_path):
+    from tlfinetune.cli import remove_if_unused
+
+    run = tmp_path / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    (run / "metrics.csv").write_text("epoch,step\n")
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    remove_if_unused(run)
+    assert (run / "checkpoints" / "last.ckpt").exists()  # a checkpoint keeps it all
+    (run / "checkpoints" / "last.ckpt").unlink()
+    remove_if_unused(run)
+    assert not run.exists()

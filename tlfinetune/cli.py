@@ -220,6 +220,7 @@ class TLFinetuneCLI(LightningCLI):
         """Fit logs to a fresh version folder (or the resumed one); the others log nowhere."""
         trainer_config = self.config_init[self.subcommand].trainer
         root = trainer_config.default_root_dir or "runs"
+        self._created = [] if Path(root).exists() else [Path(root)]  # removed if left empty
         check_writable(Path(root))
         # Checkpoints are written atomically and only ever read with weights_only=True.
         plugins = trainer_config.get("plugins") or []
@@ -300,10 +301,18 @@ class TLFinetuneCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if ckpt_path:  # the log then names the checkpoint as the weights' source
             self.model.restored_from = str(ckpt_path)
+        run_logger = next((lg for lg in self.trainer.loggers if isinstance(lg, RunLogger)), None)
+        if run_logger is not None and not Path(run_logger.log_dir).exists():
+            self._created.insert(0, Path(run_logger.log_dir))
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException:
             raise StoppedBySigterm(subcommand, self.trainer) from None
+        except BaseException:
+            if self.trainer.is_global_zero:
+                for folder in self._created:
+                    remove_if_unused(folder)
+            raise
 
     def after_fit(self) -> None:
         """The final summary: best validation accuracy and where the checkpoints are."""
@@ -524,6 +533,28 @@ def hparams_of(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The model hyperparameters stored in a checkpoint."""
     hparams = ckpt.get("hyper_parameters") or {}
     return {k: v for k, v in hparams.items() if not k.startswith("_")}
+
+
+# What a run folder holds before anything is trained; a folder of only these is removed when
+# the command that made it fails.
+UNUSED = re.compile(r"config(\.\d+)?\.yaml|hparams\.yaml|\.write-test-\d+")
+
+
+def remove_if_unused(folder: Path) -> None:
+    """Remove ``folder`` (made by this failed command) when it holds nothing of value.
+
+    Anything else in it (a checkpoint, metrics, a file the user put there) keeps it all.
+    """
+    if not folder.is_dir():
+        return
+    for path in folder.rglob("*"):
+        if path.is_dir():
+            continue
+        if path.name == "metrics.csv" and len(path.read_bytes().splitlines()) <= 1:
+            continue  # a header, no epoch
+        if not UNUSED.fullmatch(path.name):
+            return
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def warn_untrained(subcommand: str, root: Path) -> None:
