@@ -220,15 +220,23 @@ class TLFinetuneCLI(LightningCLI):
         """Fit logs to a fresh version folder (or the resumed one); the others log nowhere."""
         trainer_config = self.config_init[self.subcommand].trainer
         root = trainer_config.default_root_dir or "runs"
+        check_accelerator(trainer_config.get("accelerator"))
         self._created = [] if Path(root).exists() else [Path(root)]  # removed if left empty
         check_writable(Path(root))
+        try:
+            return self._instantiate_trainer_in(root, trainer_config, **kwargs)
+        except BaseException:
+            for folder in self._created:
+                remove_if_unused(folder)
+            raise
+
+    def _instantiate_trainer_in(self, root: str, trainer_config: Any, **kwargs: Any) -> Any:
         # Checkpoints are written atomically and only ever read with weights_only=True.
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         if trainer_config.get("precision") is None:
             kwargs["precision"] = self._fastest_precision(trainer_config.get("accelerator"))
-        check_accelerator(trainer_config.get("accelerator"))
         if self.subcommand == "fit":
             kwargs["logger"] = self._run_loggers(root, trainer_config.logger)
             self._extra_callbacks = [LearningCurves()]  # learning_curves.png in the run folder
@@ -398,16 +406,26 @@ def one_line(exc: BaseException) -> str:
 
 
 def check_accelerator(accelerator: Any) -> None:
-    """``--trainer.accelerator gpu``/``cuda`` on a machine without one: say so by name."""
-    if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda"):
-        mps = getattr(torch.backends, "mps", None)
-        mps_ok = accelerator.lower() == "gpu" and mps is not None and mps.is_available()
-        if not torch.cuda.is_available() and not mps_ok:
-            raise ConfigError(
-                f"--trainer.accelerator {accelerator}: this machine has no GPU that PyTorch can "
-                f"use (torch.cuda.is_available() is False). Use --trainer.accelerator cpu, or "
-                f"auto to take a GPU when there is one."
-            )
+    """An accelerator this machine does not have (``gpu`` without CUDA, ``tpu``): say so by name.
+
+    Lightning says "No supported gpu backend found!" with a traceback, or fails importing
+    torch_xla for ``tpu``.
+    """
+    if not isinstance(accelerator, str):
+        return
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    name = accelerator.lower()
+    kinds = ["cuda", "mps"] if name == "gpu" else [name]
+    known = [k for k in kinds if k in AcceleratorRegistry.available_accelerators()]
+    if not known or name == "cpu":
+        return  # auto, cpu, or a name Lightning reports itself, with its list of names
+    if not any(AcceleratorRegistry[k]["accelerator"].is_available() for k in known):
+        raise ConfigError(
+            f"--trainer.accelerator {accelerator}: this machine has no {name.upper()} that "
+            f"PyTorch can use. Use --trainer.accelerator cpu, or auto to take a GPU when there "
+            f"is one."
+        )
 
 
 def check_optimizer(model: Any) -> None:
@@ -702,8 +720,9 @@ def explain_command(message: str) -> str:
 
 def prog_name() -> str:
     """How the user started this: ``python -m tlfinetune`` or the ``tlfinetune`` script."""
-    argv0 = os.path.basename(sys.argv[0] if sys.argv else "")
-    return "python -m tlfinetune" if argv0 in ("__main__.py", "-m", "") else "tlfinetune"
+    argv0 = Path(sys.argv[0] if sys.argv else "")
+    as_module = argv0.name == "__main__.py" and argv0.parent.name == "tlfinetune"
+    return "python -m tlfinetune" if as_module else "tlfinetune"
 
 
 # Lightning warnings that do not apply to how this CLI uses it.

@@ -518,8 +518,11 @@ def main(argv: list[str] | None = None) -> LRFindResult:
             "least 20 steps (the suggestion skips the first 10)."
         )
     # jsonargparse 4.49 renamed instantiate_classes to instantiate.
+    from tlfinetune.cli import check_accelerator
+
     init = getattr(cli.parser, "instantiate", cli.parser.instantiate_classes)(config)
     trainer_config = config.trainer
+    check_accelerator(trainer_config.get("accelerator"))
     kwargs = {k: trainer_config.get(k) for k in CARRIED if trainer_config.get(k) is not None}
     if kwargs.get("precision") is None:
         chosen = cli._fastest_precision(trainer_config.get("accelerator"))
