@@ -82,9 +82,8 @@ class TLFinetuneCLI(LightningCLI):
     """LightningCLI with the freeze schedule, checkpoints and the tlfinetune run layout."""
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
-        self._argv = (
-            list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
-        )
+        # The command line as given: an error in a config file then names the file.
+        self._argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list) else []
         super().__init__(
             TransferClassifier,
             ImageDataModule,
@@ -379,6 +378,7 @@ class StoppedBySigterm(Exception):  # noqa: N818 - a stop, not a fault
     EXIT_CODE = 128 + 15  # the shell's code for a process ended by SIGTERM
 
     def __init__(self, subcommand: str, trainer: Any) -> None:
+        self.global_zero = bool(getattr(trainer, "is_global_zero", True))  # says it, once
         if subcommand == "fit":
             ckpt = getattr(trainer, "checkpoint_callback", None)
             last = getattr(ckpt, "last_model_path", "") or ""
@@ -769,7 +769,8 @@ def main(args: ArgsType = None) -> None:
         sys.stderr.write(f"error: {plain_message(exc)}\n")
         raise SystemExit(2) from None
     except StoppedBySigterm as exc:
-        sys.stderr.write(f"{exc}\n")
+        if exc.global_zero:
+            sys.stderr.write(f"{exc}\n")
         raise SystemExit(StoppedBySigterm.EXIT_CODE) from None
     except MisconfigurationException as exc:
         # Lightning's word for a setting it cannot use; the targeted checks above name the flag
