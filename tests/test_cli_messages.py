@@ -210,6 +210,7 @@ def test_sigterm_stops_predict_and_keeps_the_earlier_predictions(
             *args,
             f"--ckpt_path={trained}",
             f"--prediction.output={out}",
+            "--prediction.overwrite=true",  # a finished run would replace it; a stopped one not
             "--trainer.callbacks+=stop_at.TermAt",
             "--trainer.callbacks.step=0",
         ],
