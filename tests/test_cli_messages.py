@@ -121,7 +121,7 @@ def test_a_misconfiguration_lightning_finds_late_is_a_plain_error(tmp_path, caps
     assert err == "error: Lightning rejects a setting: Something Lightning cannot do.\n"
 
 
-@pytest.mark.parametrize("command", ["fit", "test"])
+@pytest.mark.parametrize("command", ["fit", "test", "export"])
 def test_a_file_that_is_no_lightning_checkpoint_is_refused_before_anything_is_written(
     data, tmp_path, capsys, command
 ):
@@ -135,6 +135,8 @@ def test_a_file_that_is_no_lightning_checkpoint_is_refused_before_anything_is_wr
         # The default weights (ImageNet) too: the checkpoint's would replace them, so the
         # message is about the checkpoint, not about downloading weights.
         args = [a for a in base(data, runs, command=command) if "weights" not in a]
+        if command == "export":
+            args = ["export", f"--output={runs / 'model.onnx'}"]
         code, err = fails(capsys, [*args, f"--ckpt_path={tmp_path / name}"])
         assert code == 2
         assert f"{tmp_path / name} is not a Lightning checkpoint ({why}" in err

@@ -455,11 +455,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def load_checkpoint(path: str | os.PathLike[str]) -> nn.Module:
     """A TransferClassifier from a Lightning checkpoint, on the CPU, safe unpickler only."""
+    from tlfinetune.cli import read_checkpoint
     from tlfinetune.module import TransferClassifier
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--ckpt_path {path}: no such checkpoint file.")
+    read_checkpoint(path)  # not a Lightning checkpoint at all: said as fit and test say it
     try:
         return TransferClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except TLFinetuneError:
