@@ -508,7 +508,11 @@ class TransferClassifier(pl.LightningModule):
         checkpoint["tlfinetune"] = {"weights_origin": self.weights_info}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Class weights: ``auto`` keeps the checkpoint's, anything else is used as asked.
+        """The weights' origin as the checkpoint records it; class weights as asked.
+
+        ``weights_info`` becomes where the run's backbone weights first came from, so a resumed
+        run's checkpoints record it too. Class weights: ``auto`` keeps the checkpoint's,
+        anything else is used as asked.
 
         ``auto`` in both the checkpoint and this model restores the checkpoint's
         ``class_weight`` buffer (computed from the data it trained on), so a resumed fit and
