@@ -380,3 +380,12 @@ def test_only_a_run_folder_without_results_is_removed(tmp_path):
     (run / "checkpoints" / "last.ckpt").unlink()
     remove_if_unused(run)
     assert not run.exists()
+
+
+def test_testing_without_data_says_which_flags_give_it(trained, tmp_path, capsys):
+    args = [*base(tmp_path / "unused", tmp_path / "runs", command="test"), f"--ckpt_path={trained}"]
+    args.remove(f"--data.root={tmp_path / 'unused'}")
+    code, err = fails(capsys, args)
+    assert code == 2
+    assert "No data to read" in err and "training" not in err  # not only fit reads data
+    assert "--data.root demo" in err and "root: demo" not in err  # the flag, not YAML syntax

@@ -32,7 +32,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
 from tlfinetune import backbone as bb
-from tlfinetune.cli import TLFinetuneCLI
+from tlfinetune.cli import TLFinetuneCLI, prog_name
 from tlfinetune.errors import ConfigError
 from tlfinetune.freeze import REGIMES, count_parameters
 from tlfinetune.machine import peak_rss_mb
@@ -114,7 +114,7 @@ class _FitArguments(TLFinetuneCLI):
             super().__init__(args=args, run=False)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:  # noqa: D102
-        kwargs.update(prog="tlfinetune compare", description=__doc__.split("\n\n")[1])
+        kwargs.update(prog=f"{prog_name()} compare", description=__doc__.split("\n\n")[1])
         return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102

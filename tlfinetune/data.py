@@ -357,9 +357,10 @@ class ImageDataModule(pl.LightningDataModule):
                 )
             elif self.root is None:
                 raise DataError(
-                    "No training data: set data.root to a folder of images in ImageFolder "
-                    "layout (one sub-folder per class), or data.train_csv to a CSV file of "
-                    "path,label rows, or use root: demo for the built-in demo dataset."
+                    "No data to read: pass --data.root with a folder of images (one "
+                    "sub-folder per class), or --data.train_csv with a CSV file of path,label "
+                    "rows, or --data.root demo for the built-in demo dataset (root: and "
+                    "train_csv: under data: in a YAML config)."
                 )
             elif isinstance(self.root, str) and self.root == "demo":
                 demo = ensure_demo_dataset()
