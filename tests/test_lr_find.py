@@ -189,3 +189,16 @@ def test_lr_find_command(tmp_path):
     assert [(s["phase"], s["swept"]) for s in saved["sweeps"]] == [(0, "head"), (0, "backbone")]
     assert saved["lr"] == saved["sweeps"][0]["suggestion"] and len(saved["sweeps"][0]["lrs"]) == 20
     assert f"--model.optimizer.lr {saved['lr']:.2g}" in printed
+
+
+def test_a_second_result_is_numbered_as_a_pair_and_keeps_the_first(tmp_path):
+    from tlfinetune.lr_find import LRFindResult, Sweep, write_result
+
+    sweep = Sweep(0, 0, 31, "head", "head", [1e-4, 1e-3, 1e-2], [1.0, 0.8, 1.5], 1e-3, 1)
+    result = LRFindResult([sweep], backbone_lr_ratio=0.1)
+    (tmp_path / "lr_find.json").write_text("an earlier sweep's numbers")  # its png was deleted
+    assert write_result(result, tmp_path).name == "lr_find.1.png"
+    assert json.loads((tmp_path / "lr_find.1.json").read_text())["lr"] == 1e-3
+    assert write_result(result, tmp_path).name == "lr_find.2.png"
+    assert (tmp_path / "lr_find.json").read_text() == "an earlier sweep's numbers"
+    assert not (tmp_path / "lr_find.png").exists()

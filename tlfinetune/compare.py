@@ -36,7 +36,7 @@ from tlfinetune.cli import TLFinetuneCLI, prog_name
 from tlfinetune.errors import ConfigError
 from tlfinetune.freeze import REGIMES, count_parameters
 from tlfinetune.machine import peak_rss_mb
-from tlfinetune.report import free_number, numbered
+from tlfinetune.runs import free_number, numbered
 
 COLUMNS = (
     "backbone",

@@ -52,7 +52,7 @@ from torch.optim.optimizer import (
 from tlfinetune.backbone import block_of
 from tlfinetune.errors import ConfigError
 from tlfinetune.freeze import FreezeSchedule
-from tlfinetune.runs import AtomicCheckpointIO, next_free_name
+from tlfinetune.runs import AtomicCheckpointIO, free_number, numbered
 
 log = logging.getLogger(__name__)
 
@@ -463,9 +463,8 @@ def _said_once() -> Iterator[None]:
 def write_result(result: LRFindResult, folder: Path) -> Path:
     """``lr_find.png`` and ``lr_find.json`` in ``folder`` (``lr_find.1.png``... when taken)."""
     folder.mkdir(parents=True, exist_ok=True)
-    png = folder / next_free_name(folder, "lr_find.png")
-    while png.with_suffix(".json").exists():  # both names free, so they pair up
-        png = folder / next_free_name(folder, png.stem + "x.png")
+    number = free_number([folder], ("lr_find.png", "lr_find.json"))  # one number: they pair up
+    png = folder / numbered("lr_find.png", number)
     result.plot().savefig(png, dpi=100)
     png.with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return png

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from tlfinetune.backbone import block_of
 from tlfinetune.errors import ConfigError, DataError
 from tlfinetune.freeze import FreezeSchedule, count_parameters
+from tlfinetune.runs import free_number, numbered
 from tlfinetune.saliency import grad_cam, overlay
 
 log = logging.getLogger(__name__)
@@ -50,30 +50,6 @@ REPORT_FILES = ("metrics.json", "confusion_matrix.png", "mistakes.png")
 
 
 # --- file names that replace nothing ------------------------------------------------------------
-
-
-def numbered(name: str, number: int) -> str:
-    """``name`` for 0, else ``stem.N.suffix``: ``metrics.json`` -> ``metrics.1.json``.
-
-    The names :func:`tlfinetune.runs.next_free_name` gives one file (``lr_find.1.png``).
-    """
-    if number == 0:
-        return name
-    stem, suffix = os.path.splitext(name)
-    return f"{stem}.{number}{suffix}"
-
-
-def free_number(folders: Iterable[str | Path], names: Sequence[str]) -> int:
-    """The smallest number under which none of ``names`` exists in any of ``folders``.
-
-    Files written together (a report, a comparison) take one number, so ``metrics.2.json``
-    goes with ``confusion_matrix.2.png`` even when only some of an earlier set are left.
-    """
-    folders = [Path(f) for f in folders]
-    number = 0
-    while any((f / numbered(n, number)).exists() for f in folders for n in names):
-        number += 1
-    return number
 
 
 # --- evaluation results ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -254,14 +255,30 @@ def version_of(ckpt: Path, root: Path) -> int | None:
     return None
 
 
+def numbered(name: str, number: int) -> str:
+    """``name`` for 0, else ``stem.N.suffix``: ``metrics.json`` -> ``metrics.1.json``."""
+    if number == 0:
+        return name
+    stem, suffix = os.path.splitext(name)
+    return f"{stem}.{number}{suffix}"
+
+
+def free_number(folders: Iterable[str | Path], names: Sequence[str]) -> int:
+    """The smallest number under which none of ``names`` exists in any of ``folders``.
+
+    Files written together (a report, a comparison) take one number, so ``metrics.2.json``
+    goes with ``confusion_matrix.2.png`` even when only some of an earlier set are left.
+    """
+    folders = [Path(f) for f in folders]
+    number = 0
+    while any((f / numbered(n, number)).exists() for f in folders for n in names):
+        number += 1
+    return number
+
+
 def next_free_name(folder: Path, name: str) -> str:
     """``name``, or ``stem.1.suffix``, ``stem.2.suffix``... whichever does not exist yet."""
-    stem, suffix = os.path.splitext(name)
-    candidate, i = name, 0
-    while (folder / candidate).exists():
-        i += 1
-        candidate = f"{stem}.{i}{suffix}"
-    return candidate
+    return numbered(name, free_number([folder], [name]))
 
 
 def _rebased(value: Any, old: str, new: str) -> Any:
