@@ -389,3 +389,14 @@ def test_testing_without_data_says_which_flags_give_it(trained, tmp_path, capsys
     assert code == 2
     assert "No data to read" in err and "training" not in err  # not only fit reads data
     assert "--data.root demo" in err and "root: demo" not in err  # the flag, not YAML syntax
+
+
+def test_a_csv_over_a_config_that_sets_root_says_how_to_unset_it(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("data:\n  root: demo\n")  # as every file in configs/ does
+    csv = tmp_path / "train.csv"
+    csv.write_text("path,label\na.png,x\n")
+    args = ["fit", f"--config={config}", f"--data.train_csv={csv}", "--model.weights=none"]
+    code, err = fails(capsys, [*args, "--model.backbone=test_vgg16", *QUIET])
+    assert code == 2
+    assert "Both data.root (demo) and data.train_csv" in err and "--data.root null" in err

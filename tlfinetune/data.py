@@ -161,7 +161,8 @@ class ImageDataModule(pl.LightningDataModule):
         if root is not None and train_csv is not None:
             raise DataError(
                 f"Both data.root ({root}) and data.train_csv ({train_csv}) are set; choose one "
-                "source of training images."
+                "source of training images. A config file that sets root (the configs/ files "
+                "set root: demo) is overridden on the command line with --data.root null."
             )
         if (val_csv is not None or test_csv is not None) and train_csv is None:
             raise DataError(
