@@ -177,9 +177,11 @@ def test_sigterm_stops_fit_with_143_and_says_how_to_resume(data, tmp_path, capsy
     assert "Traceback" not in stopped.stderr
     last = runs / "version_0" / "checkpoints" / "last.ckpt"
     assert (
-        f"fit stopped on SIGTERM after 2 complete epochs. The last checkpoint is {last}: "
-        "resume with the same command plus --ckpt_path last." in stopped.stderr
+        f"fit stopped on SIGTERM after 2 complete epochs. The last checkpoint is {last} (every "
+        "step trained so far): resume with the same command plus --ckpt_path last."
+        in stopped.stderr
     )
+    assert torch.load(last, weights_only=True)["global_step"] == 5  # epoch 2's first step kept
     assert "Best val/acc" not in stopped.stdout  # no summary of a run that did not end
     # A resume that asks for fewer epochs than the run has trained: said before it restores.
     saved = last.read_bytes()

@@ -24,6 +24,7 @@ STOP_AT = 15  # stop right after the checkpoint of step 15: epoch 1, batches 0-4
 SAVE = {  # --checkpoint.every_n_train_steps, or --checkpoint.train_time_interval (every step)
     "steps": {"every_n_train_steps": SAVE_EVERY},
     "time": {"train_time_interval": timedelta(microseconds=1)},
+    "none": {},  # epoch ends only
 }
 
 
@@ -124,6 +125,31 @@ class CrashInValidation(pl.Callback):
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if not trainer.sanity_checking:
             raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("term_at", "saved", "resumes_at"),
+    [
+        (STOP_AT, STOP_AT + 1, (1, 6)),  # epoch 1, batches 0-5 trained: kept
+        (19, 10, (1, 0)),  # on epoch 1's last batch: epoch 0's end is the save to resume
+    ],
+)
+def test_sigterm_mid_epoch_keeps_the_epoch_in_progress(
+    tmp_path, uninterrupted, term_at, saved, resumes_at
+):
+    """No step saves. SIGTERM (sent before step ``term_at``) stops fit after that step."""
+    from stop_at import TermAt
+
+    whole, whole_seen = uninterrupted
+    with pytest.raises(SystemExit):  # Lightning's SIGTERMException
+        fit(tmp_path, TermAt(term_at), trigger="none")
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == saved
+    resumed, after = fit(tmp_path, ckpt=tmp_path / "last.ckpt", trigger="none")
+    assert [(e, b) for e, b, _ in after] == [
+        (e, b) for e, b, _ in whole_seen if (e, b) >= resumes_at
+    ]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
 
 def test_a_save_due_on_the_last_batch_waits_for_the_epoch_end(tmp_path, uninterrupted):

@@ -385,9 +385,12 @@ class StoppedBySigterm(Exception):  # noqa: N818 - a stop, not a fault
             done = trainer.current_epoch
             text = f"fit stopped on SIGTERM after {done} complete epoch{'s' * (done != 1)}. "
             if last:
+                # RunCheckpoint keeps the epoch in progress when it can (one process)
+                now = getattr(ckpt, "_last_global_step_saved", None) == trainer.global_step
+                held = "every step trained so far" if now else "the last save before the stop"
                 text += (
-                    f"The last checkpoint is {last}: resume with the same command plus "
-                    f"--ckpt_path last."
+                    f"The last checkpoint is {last} ({held}): resume with the same command "
+                    f"plus --ckpt_path last."
                 )
             else:
                 text += "No checkpoint was saved yet: run the command again to start over."

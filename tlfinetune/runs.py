@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 def _umask() -> int:
@@ -152,6 +153,25 @@ class RunCheckpoint(ModelCheckpoint):
             self._defer_save_until_validation = False
             if not self._should_skip_saving_checkpoint(trainer):
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:  # noqa: D102
+        super().on_exception(trainer, pl_module, exception)
+        # SIGTERM (a scheduler pre-empting the job, `kill`) stops fit after a training step:
+        # keep the steps of the epoch in progress in last.ckpt, as a step save would. After an
+        # epoch's last step Lightning stops in its validation instead (not training): a save
+        # there would make a resume skip the next epoch (see on_train_batch_end), so the
+        # epoch-end save before it stays the one to resume. One process only: under DDP the
+        # ranks may stop a step apart, and a save waits for all of them (a barrier), so the
+        # job would hang instead of stopping.
+        if (
+            isinstance(exception, SIGTERMException)
+            and self.save_last
+            and trainer.world_size == 1
+            and trainer.training
+            and not trainer.sanity_checking
+            and not self._should_skip_saving_checkpoint(trainer)
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: D102
         super().on_validation_end(trainer, pl_module)
