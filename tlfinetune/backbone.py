@@ -402,9 +402,9 @@ def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
     if spec.weights_enum is None:
         raise WeightsError(
             f"{name} has no ImageNet weights: it is a test-only stand-in with the layout of its "
-            f"family and a fraction of its size. Pass --model.weights none, or a tlfinetune "
-            f"checkpoint or weights file made for {name}; for pretrained weights choose a real "
-            f"backbone such as vgg16."
+            f'family and a fraction of its size. Pass --model.weights none (weights="none" in '
+            f"Python), or a tlfinetune checkpoint or weights file made for {name}; for pretrained "
+            f"weights choose a real backbone such as vgg16."
         )
     return spec.weights_enum.DEFAULT
 
@@ -438,8 +438,8 @@ def load_imagenet_state_dict(name: str, progress: bool = True) -> dict[str, torc
             f"({type(exc).__name__}: {exc}). Download {weights.url} on a machine with internet "
             f"access and put it at {target} (the cache folder is {target.parent}, set by "
             f"TORCH_HOME), or pass --model.weights PATH with a torchvision-format .pth or "
-            f".safetensors file or a tlfinetune checkpoint, or --model.weights none to train "
-            f"from random initialisation."
+            f".safetensors file or a tlfinetune checkpoint, or --model.weights none "
+            f'(weights="none" in Python) to train from random initialisation.'
         ) from None
     except RuntimeError as exc:  # hash mismatch
         raise WeightsError(

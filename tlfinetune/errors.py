@@ -16,14 +16,6 @@ class DataError(TLFinetuneError):
 class WeightsError(TLFinetuneError):
     """Pretrained weights cannot be found, read or fitted to the chosen backbone."""
 
-    def __init__(self, message: str) -> None:
-        # One message for both ways in: the command line and TransferClassifier(weights=...).
-        super().__init__(
-            message.replace(
-                "--model.weights none", '--model.weights none (weights="none" in Python)'
-            )
-        )
-
 
 class ConfigError(TLFinetuneError):
     """A setting names something that does not exist or contradicts another setting."""

@@ -461,12 +461,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--ckpt_path {path}: no such checkpoint file.")
-    read_checkpoint(path)  # not a Lightning checkpoint at all: said as fit and test say it
     try:
         return TransferClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except TLFinetuneError:
         raise
     except Exception as err:
+        read_checkpoint(path)  # not a Lightning checkpoint at all: said as fit and test say it
         raise ConfigError(
             f"--ckpt_path {path} cannot be loaded as a TransferClassifier checkpoint "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})."
