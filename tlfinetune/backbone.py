@@ -584,15 +584,12 @@ def feature_shape(backbone: nn.Module, name: str, image_size: int) -> tuple[int,
     """
     try:
         c, h, w = probe_shape(backbone, image_size)[1:]
-    except RuntimeError:
-        smallest = smallest_image_size(backbone, image_size + 1)
-        if smallest is None:
+    except RuntimeError:  # the image shrank to nothing inside, or the network is broken
+        if smallest_image_size(backbone, image_size + 1) is None:
             raise  # no size works: not a question of size
-        h = w = 0
-    else:
-        smallest = None
+        c = h = w = 0
     if h == 0 or w == 0:
-        smallest = smallest or smallest_image_size(backbone, image_size + 1)
+        smallest = smallest_image_size(backbone, image_size + 1)
         need = f"at least {smallest}" if smallest is not None else "a larger image_size"
         raise ConfigError(
             f"image_size {image_size} is too small for the backbone {name}: its pooling and "

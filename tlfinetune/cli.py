@@ -225,9 +225,13 @@ class TLFinetuneCLI(LightningCLI):
         try:
             return self._instantiate_trainer_in(root, trainer_config, **kwargs)
         except BaseException:
-            for folder in self._created:
-                remove_if_unused(folder)
+            self._remove_created()
             raise
+
+    def _remove_created(self) -> None:
+        """After a failure: the folders this command made, when they hold nothing of value."""
+        for folder in self._created:
+            remove_if_unused(folder)
 
     def _instantiate_trainer_in(self, root: str, trainer_config: Any, **kwargs: Any) -> Any:
         # Checkpoints are written atomically and only ever read with weights_only=True.
@@ -317,8 +321,7 @@ class TLFinetuneCLI(LightningCLI):
             raise StoppedBySigterm(subcommand, self.trainer) from None
         except BaseException:
             if self.trainer.is_global_zero:
-                for folder in self._created:
-                    remove_if_unused(folder)
+                self._remove_created()
             raise
 
     def after_fit(self) -> None:
@@ -473,15 +476,18 @@ def check_monitors(callbacks: list[Any], num_classes: int | None) -> None:
             )
 
 
+def valid_keys(parser: Any) -> list[str]:
+    """Every key ``parser`` accepts (``model.head_hidden``...), for "did you mean" hints."""
+    try:
+        return sorted(parser.get_defaults().keys())
+    except Exception:  # noqa: BLE001 - the explanation is a courtesy; never hide the error
+        return []
+
+
 def explain_unknown(message: str, parser: LightningArgumentParser) -> str:
     """Add the closest valid keys and the valid keys of that group to 'unrecognized' errors."""
     unknown = re.findall(r"--([\w.]+)", message) if "nrecognized" in message else []
-    if not unknown:
-        return message
-    try:
-        valid = sorted(parser.get_defaults().keys())
-    except Exception:  # noqa: BLE001 - the explanation is a courtesy; never hide the error
-        return message
+    valid = valid_keys(parser) if unknown else []
     if not valid:
         return message
     hints = []
@@ -680,11 +686,7 @@ def tidy_parser_error(message: str, parser: Any, configs: list[str]) -> str:
     unknown = re.search(r"does not accept option '([\w.]+)'", message)
     if unknown:
         key = unknown.group(1)
-        try:
-            valid = sorted(parser.get_defaults().keys())
-        except Exception:  # noqa: BLE001 - the explanation is a courtesy; never hide the error
-            valid = []
-        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(key, valid_keys(parser), n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         where = f" (in {source})" if configs else ""
         return f"unknown key {key}{where}.{hint}"

@@ -289,7 +289,6 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: pl.Trainer, *args: Any) -> None:  # noqa: D102
         self._close_part()
-        self._resolved = None
         if self._tta_before is not None and trainer.lightning_module is not None:
             self.on_predict_end(trainer, trainer.lightning_module)
         if self._part_path is not None:
@@ -312,7 +311,6 @@ class PredictionWriter(BasePredictionWriter):
         self._tta_before = switch_tta(pl_module, self.tta)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
-        self._resolved = None
         if self._tta_before is not None:
             switch_tta(pl_module, self._tta_before)
             self._tta_before = None

@@ -49,9 +49,6 @@ DPI = 100
 REPORT_FILES = ("metrics.json", "confusion_matrix.png", "mistakes.png")
 
 
-# --- file names that replace nothing ------------------------------------------------------------
-
-
 # --- evaluation results ------------------------------------------------------------------------
 
 
